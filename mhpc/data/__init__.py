@@ -1,0 +1,1 @@
+"""Datasets (MVTec AD layout, generic folders, the synthetic texture benchmark) and transforms."""

@@ -1,0 +1,166 @@
+"""The built-in synthetic benchmark: MVTec-layout categories from scikit-image's CC0 textures.
+
+Train and test crops come from disjoint row bands of each texture (train: the top band, test: the
+bottom band), with small natural variations (shifts, brightness and contrast). Defects are drawn
+with exact pixel masks: scratches, cracks, stains, holes, pasted foreign texture and local blur.
+``difficulty`` in [0, 1] makes defects smaller and fainter. Everything is seeded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+from skimage import data as skdata
+
+from mhpc.errors import MHPCError
+
+TEXTURES = ("brick", "grass", "gravel")
+DEFECT_KINDS = ("scratch", "crack", "stain", "hole", "foreign", "blur")
+IMAGE_SIZE = 256
+CROP = 160  # texture pixels per image side (upscaled to IMAGE_SIZE)
+TRAIN_ROWS = (0, 330)  # disjoint bands of the 512-row textures
+TEST_ROWS = (340, 512)
+DEFAULT_DIFFICULTY = 0.5
+
+
+def load_texture(name: str) -> np.ndarray:
+    if name not in TEXTURES:
+        raise MHPCError(f"unknown texture {name!r}; choose from {list(TEXTURES)}")
+    gray = getattr(skdata, name)().astype(np.float32) / 255.0
+    return np.repeat(gray[..., None], 3, axis=2)  # grayscale texture as RGB
+
+
+def _crop(texture: np.ndarray, rows: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    y = rng.integers(rows[0], rows[1] - CROP + 1)
+    x = rng.integers(0, texture.shape[1] - CROP + 1)
+    patch = texture[y : y + CROP, x : x + CROP]
+    img = np.asarray(Image.fromarray((patch * 255).astype(np.uint8)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
+    img = img.astype(np.float32) / 255.0
+    # Mild natural variation: brightness and contrast.
+    mean = img.mean()
+    img = (img - mean) * rng.uniform(0.92, 1.08) + mean * rng.uniform(0.93, 1.07)
+    return np.clip(img, 0, 1)
+
+
+def _blob(rng: np.random.Generator, radius: float) -> np.ndarray:
+    """An irregular filled region: a noisy ellipse, as a boolean mask."""
+    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
+    cy, cx = rng.uniform(0.25, 0.75, 2) * IMAGE_SIZE
+    ry, rx = radius * rng.uniform(0.6, 1.4, 2)
+    angle = np.arctan2(yy - cy, xx - cx)
+    wobble = 1 + 0.25 * np.sin(3 * angle + rng.uniform(0, 6)) * rng.uniform(0.3, 1.0)
+    return (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) <= wobble**2
+
+
+def _polyline(rng: np.random.Generator, length: float, width: int, jagged: bool) -> np.ndarray:
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+    y, x = rng.uniform(0.25, 0.75, 2) * IMAGE_SIZE
+    direction = rng.uniform(0, 2 * np.pi)
+    for _ in range(int(length)):
+        direction += rng.normal(0, 0.35 if jagged else 0.03)
+        y, x = y + np.sin(direction), x + np.cos(direction)
+        iy, ix = int(round(y)), int(round(x))
+        if 0 <= iy < IMAGE_SIZE and 0 <= ix < IMAGE_SIZE:
+            mask[iy, ix] = True
+    return ndimage.binary_dilation(mask, iterations=max(0, width - 1)) if width > 1 else mask
+
+
+def draw_defect(img: np.ndarray, kind: str, rng: np.random.Generator, difficulty: float,
+                foreign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (defective image, boolean mask). Strength falls and size shrinks with difficulty."""
+    strength = np.interp(difficulty, [0, 1], [0.9, 0.25])
+    size = np.interp(difficulty, [0, 1], [1.0, 0.45])
+    out = img.copy()
+    if kind == "scratch":
+        mask = _polyline(rng, 120 * size + 30, int(rng.integers(2, 4)), jagged=False)
+        out[mask] = np.clip(out[mask] + strength * rng.choice([-1, 1]) * 0.8, 0, 1)
+    elif kind == "crack":
+        mask = _polyline(rng, 110 * size + 30, 2, jagged=True)
+        out[mask] = out[mask] * (1 - strength)
+    elif kind == "stain":
+        mask = _blob(rng, 28 * size + 6)
+        tint = np.array(rng.choice([[0.55, 0.35, 0.15], [0.2, 0.45, 0.2], [0.6, 0.2, 0.25]]), np.float32)
+        out[mask] = (1 - 0.8 * strength) * out[mask] + 0.8 * strength * tint
+    elif kind == "hole":
+        mask = _blob(rng, 20 * size + 5)
+        out[mask] = out[mask] * (1 - strength) + 0.02 * strength
+    elif kind == "foreign":
+        mask = _blob(rng, 26 * size + 6)
+        y, x = rng.integers(0, foreign.shape[0] - IMAGE_SIZE), rng.integers(0, foreign.shape[1] - IMAGE_SIZE)
+        patch = foreign[y : y + IMAGE_SIZE, x : x + IMAGE_SIZE]
+        alpha = 0.35 + 0.65 * strength
+        out[mask] = (1 - alpha) * out[mask] + alpha * patch[mask]
+    elif kind == "blur":
+        mask = _blob(rng, 30 * size + 8)
+        blurred = ndimage.gaussian_filter(img, sigma=(1 + 5 * strength, 1 + 5 * strength, 0))
+        out[mask] = blurred[mask]
+    else:
+        raise MHPCError(f"unknown defect kind {kind!r}; choose from {list(DEFECT_KINDS)}")
+    return np.clip(out, 0, 1), mask
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if array.dtype == bool:
+        Image.fromarray(array.astype(np.uint8) * 255).save(path)
+    else:
+        Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(path)
+
+
+def generate_benchmark(
+    out: str | Path,
+    categories: tuple[str, ...] = TEXTURES,
+    n_train: int = 60,
+    n_test_good: int = 15,
+    n_test_per_defect: int = 5,
+    difficulty: float = DEFAULT_DIFFICULTY,
+    seed: int = 0,
+) -> Path:
+    """Writes ``out/<texture>/{train/good, test/<kind>, ground_truth/<kind>}`` and ``out/meta.json``.
+
+    Writes only inside ``out``. Deterministic for a given seed and arguments.
+    """
+    if not 0.0 <= difficulty <= 1.0:
+        raise MHPCError(f"difficulty must be in [0, 1], got {difficulty}")
+    out = Path(out)
+    for c_index, name in enumerate(categories):
+        rng = np.random.default_rng([seed, c_index])
+        texture = load_texture(name)
+        foreign = load_texture(TEXTURES[(TEXTURES.index(name) + 1) % len(TEXTURES)])
+        root = out / name
+        for i in range(n_train):
+            _save_png(_crop(texture, TRAIN_ROWS, rng), root / "train" / "good" / f"{i:03d}.png")
+        for i in range(n_test_good):
+            _save_png(_crop(texture, TEST_ROWS, rng), root / "test" / "good" / f"{i:03d}.png")
+        for kind in DEFECT_KINDS:
+            for i in range(n_test_per_defect):
+                img, mask = draw_defect(_crop(texture, TEST_ROWS, rng), kind, rng, difficulty, foreign)
+                _save_png(img, root / "test" / kind / f"{i:03d}.png")
+                _save_png(mask, root / "ground_truth" / kind / f"{i:03d}_mask.png")
+    meta = dict(generator="mhpc.data.synthetic", categories=list(categories), n_train=n_train,
+                n_test_good=n_test_good, n_test_per_defect=n_test_per_defect, difficulty=difficulty, seed=seed)
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+class TextureCropDataset(torch.utils.data.Dataset):
+    """Good crops generated on the fly (for benchmarks): image i is seeded by i, no files."""
+
+    def __init__(self, n: int, size: int = 224, texture: str = "brick", seed: int = 0) -> None:
+        from mhpc.data.transforms import image_transform
+
+        self.n, self.seed = n, seed
+        self.texture = load_texture(texture)
+        self.transform = image_transform(resize=256 * size // 224, crop=size)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = _crop(self.texture, TRAIN_ROWS, np.random.default_rng([self.seed, i]))
+        return self.transform(Image.fromarray((img * 255).round().astype(np.uint8)))

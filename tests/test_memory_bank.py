@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+import torch
+
+from mhpc.core.reduction import PCAReduction
+from mhpc.errors import MHPCError
+from mhpc.memory_bank import ApproximateGreedyCoreset, KeepAll, KMeansBank, greedy_coreset_indices
+from mhpc.row_buffer import RowBuffer
+
+
+def rows_are_from(bank, x):
+    return bool((bank[:, None, :] == x[None, :, :]).all(-1).any(1).all())
+
+
+def brute_force_greedy(features: np.ndarray, num: int, start: np.ndarray) -> list[int]:
+    """Reference: the full N x N distance matrix and the official selection rule."""
+    dist = np.sqrt(((features[:, None, :] - features[None, :, :]) ** 2).sum(-1))
+    min_dist = dist[:, start].mean(axis=1)
+    chosen = []
+    for _ in range(num):
+        idx = int(np.argmax(min_dist))
+        chosen.append(idx)
+        min_dist = np.minimum(min_dist, dist[:, idx])
+    return chosen
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(300, 16)).astype(np.float64)
+    got = greedy_coreset_indices(torch.from_numpy(x), 40, 10, np.random.default_rng(seed))
+    start = np.random.default_rng(seed).choice(300, 10, replace=False)
+    assert got.tolist() == brute_force_greedy(x, 40, start)
+
+
+def test_greedy_sampler_size_projection_and_determinism():
+    x = torch.randn(1000, 256)
+    a = ApproximateGreedyCoreset(0.1, seed=3).run(x)
+    b = ApproximateGreedyCoreset(0.1, seed=3).run(x)
+    assert a.shape == (100, 256)
+    assert torch.equal(a, b)
+    # Every selected vector is a training vector.
+    assert rows_are_from(a, x)
+
+
+def test_greedy_covers_outliers_better_than_random():
+    x = torch.cat([torch.randn(990, 8) * 0.1, torch.randn(10, 8) * 0.1 + 5.0])
+    bank = ApproximateGreedyCoreset(0.02, seed=0).run(x)
+    assert (bank.norm(dim=1) > 3).any()  # the far cluster is represented
+
+
+def test_streaming_greedy_bounded_chunks_and_size():
+    x = torch.randn(5000, 32)
+    sampler = ApproximateGreedyCoreset(0.1, chunk_size=800, seed=0)
+    for part in x.split(300):
+        sampler.partial_fit(part)
+    bank = sampler.finalize()
+    assert abs(bank.shape[0] - 500) <= 10
+    assert rows_are_from(bank, x)
+
+
+def test_bad_percentage():
+    with pytest.raises(MHPCError, match="coreset_percentage"):
+        ApproximateGreedyCoreset(0.0)
+    with pytest.raises(MHPCError, match="coreset_percentage"):
+        ApproximateGreedyCoreset(1.5)
+
+
+def test_kmeans_batch_and_streaming():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 4)) * 10
+    x = torch.from_numpy((centres[rng.integers(0, 5, 2000)] + rng.normal(size=(2000, 4)) * 0.1).astype(np.float32))
+    bank = KMeansBank(5, batch_size=256, seed=0).run(x)
+    assert bank.shape == (5, 4)
+    assert torch.cdist(torch.from_numpy(centres).float(), bank).min(dim=1).values.max() < 0.5
+    stream = KMeansBank(5, batch_size=256, seed=0, expected_patches=2000)
+    for part in x.split(50):  # batches smaller than the cluster buffer
+        stream.partial_fit(part)
+    sbank = stream.finalize()
+    assert sbank.shape == (5, 4)
+    assert torch.cdist(torch.from_numpy(centres).float(), sbank).min(dim=1).values.max() < 1.0
+
+
+def test_kmeans_fraction_and_errors():
+    x = torch.randn(500, 3)
+    assert KMeansBank(0.1, batch_size=64).run(x).shape[0] == 50
+    with pytest.raises(MHPCError, match="kmeans_clusters"):
+        KMeansBank(1.5).run(x)
+    with pytest.raises(MHPCError, match="patch count"):
+        KMeansBank(0.1).partial_fit(x)
+
+
+def test_keep_all():
+    x = torch.randn(10, 3)
+    k = KeepAll()
+    k.partial_fit(x[:4]).partial_fit(x[4:])
+    assert torch.equal(k.finalize(), x)
+
+
+def test_row_buffer_never_drops_rows():
+    buf = RowBuffer(10)
+    out = []
+    for n in [3, 4, 25, 1, 1, 30, 2]:
+        for chunk in buf.push(torch.arange(n)):
+            assert chunk.shape[0] >= 10
+            out.append(chunk)
+    rest = buf.flush()
+    assert rest.shape[0] >= 10
+    assert torch.cat(out + [rest]).shape[0] == 66
+
+
+def test_pca_batch_and_incremental_agree():
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(3000, 4)) * np.array([5, 3, 2, 1])
+    x = torch.from_numpy((latent @ rng.normal(size=(4, 20)) + rng.normal(size=(3000, 20)) * 0.01).astype(np.float32))
+    batch = PCAReduction(0.99).fit(x)
+    inc = PCAReduction(0.99, batch_size=100)
+    for part in x.split(7):  # batches smaller than the component count
+        inc.partial_fit(part)
+    inc.finalize()
+    assert batch.components_.shape[0] == inc.components_.shape[0] <= 4
+    # Same subspace: projections agree up to the sign of each component.
+    a, b = batch.transform(x), inc.transform(x)
+    assert torch.allclose(a.abs(), b.abs(), atol=1e-2 * a.abs().max())

@@ -1,0 +1,74 @@
+"""Run configurations: MHPatchCore keyword arguments, from YAML/JSON files or the seed's short terms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mhpc.errors import MHPCError
+
+# The seed's ablation terms, e.g. {"alg": "VANILLA", "agg": "GREEDY", "red": "NONE", "dist": "EUCLIDEAN"}.
+ALIASES = {"alg": "algorithm", "agg": "aggregation", "red": "feature_reduction", "dist": "distance"}
+
+BASELINE = {"algorithm": "VANILLA", "aggregation": "GREEDY", "feature_reduction": "NONE", "distance": "EUCLIDEAN"}
+PROPOSED = {"algorithm": "ONLINE", "aggregation": "KMEANS", "feature_reduction": "PCA", "distance": "MAHALANOBIS"}
+
+
+def _model_keys() -> set[str]:
+    import inspect
+
+    from mhpc.core.mh_patch_core import MHPatchCore
+
+    return set(inspect.signature(MHPatchCore.__init__).parameters) - {"self"}
+
+
+def normalise_config(raw: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Expands aliases and refuses unknown keys, naming the source. ``name`` is kept aside."""
+    if not isinstance(raw, dict):
+        raise MHPCError(f"{source}: a configuration must be a mapping, got {type(raw).__name__}")
+    keys = _model_keys() | {"name"}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = ALIASES.get(key, key)
+        if key not in keys:
+            raise MHPCError(f"{source}: unknown option {key!r}")
+        out[key] = value
+    if "input_shape" in out:
+        out["input_shape"] = tuple(out["input_shape"])
+    return out
+
+
+def config_name(cfg: dict[str, Any]) -> str:
+    if cfg.get("name"):
+        return str(cfg["name"])
+    parts = [str(cfg.get(k, BASELINE[k])).upper() for k in ("algorithm", "feature_reduction", "aggregation", "distance")]
+    return "+".join(parts)
+
+
+def read_config_file(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise MHPCError(f"config file not found: {path}")
+    try:
+        text = path.read_text()
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise MHPCError(f"cannot parse config file {path}: {exc}") from None
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    return normalise_config(read_config_file(path) or {}, str(path))
+
+
+def load_config_list(path: str | Path) -> list[dict[str, Any]]:
+    """A list of configurations, or a mapping with ``defaults`` and ``configs``."""
+    raw = read_config_file(path)
+    defaults: dict[str, Any] = {}
+    if isinstance(raw, dict):
+        defaults, raw = raw.get("defaults", {}) or {}, raw.get("configs")
+    if not isinstance(raw, list) or not raw:
+        raise MHPCError(f"{path}: expected a non-empty list of configurations (or 'configs:' with a list)")
+    return [normalise_config({**defaults, **item}, f"{path} entry {i + 1}") for i, item in enumerate(raw)]

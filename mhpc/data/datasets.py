@@ -1,0 +1,150 @@
+"""Datasets yielding the original PatchCore dict: ``image``, ``mask``, ``is_anomaly``, ``image_path``.
+
+``MVTecDataset`` reads ``ROOT/<category>/{train/good, test/<defect>, ground_truth/<defect>}``.
+``FolderDataset`` reads a folder of normal images with optional abnormal and mask folders.
+Both check every file when they are built, so a bad dataset fails before any fitting starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mhpc.data.io import list_images, load_mask, load_rgb
+from mhpc.data.transforms import image_transform, mask_to_tensor
+from mhpc.errors import MHPCError
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    mask: Path | None
+    is_anomaly: bool
+    defect_type: str
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """Loads a list of ``Sample`` with PatchCore's preprocessing."""
+
+    def __init__(self, samples: list[Sample], resize: int = 256, crop: int = 224) -> None:
+        self.samples = samples
+        self.resize, self.crop = resize, crop
+        self.transform = image_transform(resize, crop)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        s = self.samples[index]
+        img = load_rgb(s.image)
+        if s.mask is not None:
+            mask_img = load_mask(s.mask)
+            if mask_img.size != img.size:
+                raise MHPCError(f"mask {s.mask} is {mask_img.size[0]}x{mask_img.size[1]} but image {s.image} is "
+                                f"{img.size[0]}x{img.size[1]}")
+            mask = mask_to_tensor(mask_img, self.resize, self.crop)
+        else:
+            mask = torch.zeros(1, self.crop, self.crop)
+        return {"image": self.transform(img), "mask": mask, "is_anomaly": int(s.is_anomaly),
+                "image_path": str(s.image), "defect_type": s.defect_type}
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise MHPCError(f"{what} not found: {path}")
+    return path
+
+
+def _mask_for(gt_dir: Path, image: Path, same_name: bool = False) -> Path | None:
+    """``<stem>_mask.png`` (MVTec), or with ``same_name`` also ``<stem>.png``."""
+    names = [f"{image.stem}_mask.png", f"{image.stem}_mask{image.suffix}"] + ([f"{image.stem}.png"] if same_name else [])
+    return next((gt_dir / n for n in names if (gt_dir / n).is_file()), None)
+
+
+def mvtec_samples(root: str | Path, category: str, split: str) -> list[Sample]:
+    if split not in ("train", "test"):
+        raise MHPCError(f"split must be 'train' or 'test', got {split!r}")
+    base = _require_dir(Path(root) / category, f"category '{category}'")
+    split_dir = _require_dir(base / split, f"{split} folder of '{category}'")
+    samples = []
+    for defect_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        defect = defect_dir.name
+        if split == "train" and defect != "good":
+            continue
+        for image in list_images(defect_dir):
+            if defect == "good":
+                samples.append(Sample(image, None, False, defect))
+                continue
+            mask = _mask_for(base / "ground_truth" / defect, image)
+            if mask is None:
+                raise MHPCError(f"missing mask for defect image {image} (expected "
+                                f"{base / 'ground_truth' / defect / (image.stem + '_mask.png')})")
+            samples.append(Sample(image, mask, True, defect))
+    if not samples:
+        raise MHPCError(f"no images found in {split_dir}")
+    return samples
+
+
+class MVTecDataset(SampleDataset):
+    def __init__(self, root: str | Path, category: str, split: str = "train", resize: int = 256, crop: int = 224):
+        super().__init__(mvtec_samples(root, category, split), resize, crop)
+
+
+def folder_samples(normal_dir: str | Path, abnormal_dir: str | Path | None = None,
+                   mask_dir: str | Path | None = None) -> list[Sample]:
+    """Normal images, then abnormal ones; a mask is ``mask_dir/<stem>_mask.png`` or ``<stem>.png``."""
+    samples = [Sample(p, None, False, "good") for p in list_images(_require_dir(Path(normal_dir), "normal folder"))]
+    if abnormal_dir is not None:
+        for image in list_images(_require_dir(Path(abnormal_dir), "abnormal folder")):
+            mask = None
+            if mask_dir is not None:
+                mdir = _require_dir(Path(mask_dir), "mask folder")
+                mask = _mask_for(mdir, image, same_name=True)
+                if mask is None:
+                    raise MHPCError(f"missing mask for abnormal image {image} in {mdir}")
+            samples.append(Sample(image, mask, True, "abnormal"))
+    if not samples:
+        raise MHPCError(f"no images found in {normal_dir}")
+    return samples
+
+
+class FolderDataset(SampleDataset):
+    def __init__(self, normal_dir, abnormal_dir=None, mask_dir=None, resize: int = 256, crop: int = 224):
+        super().__init__(folder_samples(normal_dir, abnormal_dir, mask_dir), resize, crop)
+
+
+class ImageFilesDataset(SampleDataset):
+    """Arbitrary image files for ``mhpc predict`` (no labels)."""
+
+    def __init__(self, paths: list[str | Path], resize: int = 256, crop: int = 224):
+        samples = []
+        for p in paths:
+            p = Path(p)
+            if p.is_dir():
+                samples.extend(Sample(f, None, False, "") for f in list_images(p))
+            elif p.is_file():
+                samples.append(Sample(p, None, False, ""))
+            else:
+                raise MHPCError(f"image path not found: {p}")
+        if not samples:
+            raise MHPCError(f"no images found in {[str(p) for p in paths]}")
+        super().__init__(samples, resize, crop)
+
+
+def collate(batch: list[dict]) -> dict:
+    """Default collation, keeping paths and defect types as lists."""
+    return {
+        "image": torch.stack([b["image"] for b in batch]),
+        "mask": torch.stack([b["mask"] for b in batch]),
+        "is_anomaly": torch.tensor([b["is_anomaly"] for b in batch]),
+        "image_path": [b["image_path"] for b in batch],
+        "defect_type": [b["defect_type"] for b in batch],
+    }
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batch_size: int = 8, num_workers: int = 0) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                       collate_fn=collate)

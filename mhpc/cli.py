@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mhpc.data.synthetic import DEFAULT_DIFFICULTY
 from mhpc.errors import MHPCError
 
 DEMO_DATA = Path("demo_data")
@@ -174,18 +175,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from mhpc.ablation import run_ablation
     from mhpc.config import BASELINE, PROPOSED
-    from mhpc.data.synthetic import TEXTURES, generate_benchmark
+    from mhpc.data.synthetic import generate_benchmark
     from mhpc.weights import ensure_mobilenet_v2_weights
 
     start = time.perf_counter()
     data = Path(args.data)
     if not (data / "meta.json").is_file():
         print(f"generating the synthetic texture benchmark in {data} ...", flush=True)
-        generate_benchmark(data)
+        generate_benchmark(data, tuple(args.categories), args.n_train, args.n_test_good, args.n_test_per_defect)
     ensure_mobilenet_v2_weights(quiet=True)
     configs = [dict(name="baseline", backbone="mobilenet_v2", **BASELINE),
                dict(name="proposed", backbone="mobilenet_v2", **PROPOSED)]
-    table = run_ablation(data, list(TEXTURES), configs, args.out, progress=not args.quiet)
+    table = run_ablation(data, list(args.categories), configs, args.out, progress=not args.quiet)
     print(table)
     print(f"report: {Path(args.out) / 'report.html'}; demo wall time {time.perf_counter() - start:.0f} s")
 
@@ -198,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="generate the synthetic benchmark, run baseline and proposed, write the report")
     p.add_argument("--data", default=str(DEMO_DATA), help=f"benchmark folder (default {DEMO_DATA}; generated if absent)")
     p.add_argument("--out", default=str(DEMO_OUT), help=f"output folder (default {DEMO_OUT})")
+    p.add_argument("--categories", nargs="+", default=["brick", "grass", "gravel"])
+    p.add_argument("--n-train", type=int, default=60, help="when generating: good training images per category")
+    p.add_argument("--n-test-good", type=int, default=15)
+    p.add_argument("--n-test-per-defect", type=int, default=5)
     _add_quiet(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -247,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=60)
     p.add_argument("--n-test-good", type=int, default=15)
     p.add_argument("--n-test-per-defect", type=int, default=5)
-    p.add_argument("--difficulty", type=float, default=0.5)
+    p.add_argument("--difficulty", type=float, default=DEFAULT_DIFFICULTY,
+                   help=f"0 (obvious) .. 1 (subtle) (default {DEFAULT_DIFFICULTY})")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_generate)
 

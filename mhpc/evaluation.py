@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
-import multiprocessing
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from mhpc.config import config_name
 from mhpc.core.mh_patch_core import MHPatchCore
 from mhpc.data.datasets import MVTecDataset, make_loader
+from mhpc.errors import MHPCError
 from mhpc.metrics import aupro, f1_max, image_auroc, pixel_auroc
 
 METRIC_KEYS = ["image_auroc", "pixel_auroc", "pixel_aupro", "f1_max", "fit_seconds", "predict_ms_per_image",
@@ -92,15 +93,33 @@ def evaluate_category(cfg: dict[str, Any], data_root: str | Path, category: str,
     return metrics
 
 
-def _child(args: tuple) -> dict:
-    torch.set_num_threads(args[-1])
-    return evaluate_category(*args[:-1])
-
-
 def evaluate_in_subprocess(cfg: dict[str, Any], data_root, category: str, out_dir, device: str = "cpu",
                            batch_size: int = 8, progress: bool = True, report: bool = True) -> dict:
-    """One run in a fresh process, so that its peak RSS is its own and not the max of all runs."""
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_child, ((cfg, str(data_root), category, str(out_dir), device, batch_size, progress,
-                                    report, torch.get_num_threads()),))
+    """One run in a fresh Python process, so that its peak RSS is its own and not the max of all runs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = dict(cfg=cfg, data_root=str(data_root), category=category, out_dir=str(out), device=device,
+                batch_size=batch_size, progress=progress, report=report)
+    (out / "run.json").write_text(json.dumps(spec, indent=2))
+    proc = subprocess.run([sys.executable, "-m", "mhpc.evaluation", str(out / "run.json")], stderr=subprocess.PIPE,
+                          text=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        raise MHPCError(f"run {config_name(cfg)} on {category} failed: {lines[-1] if lines else proc.returncode}")
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    if "input_shape" in spec["cfg"]:
+        spec["cfg"]["input_shape"] = tuple(spec["cfg"]["input_shape"])
+    try:
+        evaluate_category(**spec)
+    except MHPCError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1]))

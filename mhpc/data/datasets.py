@@ -2,7 +2,8 @@
 
 ``MVTecDataset`` reads ``ROOT/<category>/{train/good, test/<defect>, ground_truth/<defect>}``.
 ``FolderDataset`` reads a folder of normal images with optional abnormal and mask folders.
-Both check every file when they are built, so a bad dataset fails before any fitting starts.
+Both check the layout when they are built (folders, one mask per defect image), so a bad tree
+fails before any fitting starts; image contents are read, and checked, when an item is loaded.
 """
 
 from __future__ import annotations

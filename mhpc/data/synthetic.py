@@ -25,7 +25,7 @@ IMAGE_SIZE = 256
 CROP = 160  # texture pixels per image side (upscaled to IMAGE_SIZE)
 TRAIN_ROWS = (0, 330)  # disjoint bands of the 512-row textures
 TEST_ROWS = (340, 512)
-DEFAULT_DIFFICULTY = 0.5
+DEFAULT_DIFFICULTY = 0.3  # calibrated: baseline MobileNetV2 mean image AUROC ~0.89 (target 0.80-0.97)
 
 
 def load_texture(name: str) -> np.ndarray:

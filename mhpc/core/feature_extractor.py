@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from mhpc.core.timing import stage_timer
 from mhpc.errors import MHPCError
 
 
@@ -53,7 +54,12 @@ class PatchFeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if images.ndim != 4 or images.shape[1] != 3:
             raise MHPCError(f"images must be [B, 3, H, W] tensors, got shape {tuple(images.shape)}")
-        fmaps = self.body(images)
+        with stage_timer("backbone"):
+            fmaps = self.body(images)
+        with stage_timer("patch aggregation"):
+            return self._aggregate(fmaps, images.shape[0])
+
+    def _aggregate(self, fmaps: dict[str, torch.Tensor], batch: int) -> tuple[torch.Tensor, tuple[int, int]]:
         ref_h, ref_w = fmaps[self.layers[0]].shape[-2:]
         pooled = []
         for layer in self.layers:
@@ -65,4 +71,4 @@ class PatchFeatureExtractor(nn.Module):
             pooled.append(F.adaptive_avg_pool1d(flat, self.pretrain_embed_dimension))
         stacked = torch.cat(pooled, dim=1).reshape(-1, 1, len(self.layers) * self.pretrain_embed_dimension)
         features = F.adaptive_avg_pool1d(stacked, self.target_embed_dimension)
-        return features.reshape(images.shape[0], ref_h * ref_w, -1), (ref_h, ref_w)
+        return features.reshape(batch, ref_h * ref_w, -1), (ref_h, ref_w)

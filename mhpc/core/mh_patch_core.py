@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from mhpc.core.backbones import BackboneName, default_layers, load_backbone, parse_backbone
 from mhpc.core.feature_extractor import PatchFeatureExtractor
 from mhpc.core.reduction import IdentityReduction, PCAReduction
+from mhpc.core.timing import stage_timer
 from mhpc.core.scoring import NearestNeighbourScorer, anomaly_maps, reweight_image_scores
 from mhpc.errors import MHPCError, NotFittedError
 from mhpc.mahalanobis import Whitener
@@ -357,11 +358,15 @@ class MHPatchCore:
     def predict_images(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Scores one batch of images: (image scores [B], anomaly maps [B, H, W] at input size)."""
         self._check_fitted()
-        images = self._images(images)
+        return self._score(self._images(images))
+
+    def _score(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         feats = self._embed(images)
         b, p, d = feats.shape
-        z = self.space_.transform(self.reduction_.transform(feats.reshape(-1, d)))
-        patch, nearest = self.scorer_.patch_scores(z)
+        with stage_timer("projection"):
+            z = self.space_.transform(self.reduction_.transform(feats.reshape(-1, d)))
+        with stage_timer("nearest-neighbour search"):
+            patch, nearest = self.scorer_.patch_scores(z)
         patch = patch.reshape(b, p)
         if int(self.reweight_num_support) > 0:
             image_scores = reweight_image_scores(
@@ -371,7 +376,8 @@ class MHPatchCore:
         else:
             image_scores = patch.max(axis=1)
         h, w = self.grid_shape_
-        maps = anomaly_maps(torch.from_numpy(patch).reshape(b, h, w), tuple(self.input_shape), self.blur_sigma)
+        with stage_timer("upsampling and blur"):
+            maps = anomaly_maps(torch.from_numpy(patch).reshape(b, h, w), tuple(self.input_shape), self.blur_sigma)
         return image_scores.astype(np.float64), maps
 
     def predict(self, dataloader: Iterable):
@@ -384,7 +390,7 @@ class MHPatchCore:
         scores, maps, labels, gt_masks = [], [], [], []
         has_labels = has_masks = True
         for batch in tqdm(dataloader, desc="Scoring", disable=not self.progress, leave=False):
-            s, m = self.predict_images(self._images(batch))
+            s, m = self._score(self._images(batch))
             scores.append(s)
             maps.append(m)
             if isinstance(batch, dict) and "is_anomaly" in batch:

@@ -4,7 +4,7 @@ The official ``ApproximateGreedyCoresetSampler``: project with a random bias-fre
 128 dimensions, start from 10 random points, set every patch's distance to the mean of its
 distances to the start points, then repeatedly pick the farthest patch and update each patch's
 distance with a minimum. Memory is O(N): one distance vector, never an N x N matrix.
-Squared norms are computed once instead of per step, which gives the same distances.
+Squared norms are computed once instead of per step, which gives the same selection.
 """
 
 from __future__ import annotations
@@ -39,13 +39,18 @@ def greedy_coreset_indices(
     rng = generator if generator is not None else np.random.default_rng(0)
     start = rng.choice(n, min(num_start_points, n), replace=False)
     sq_norms = (features * features).sum(1)
-    min_dist = _distances_to(features, sq_norms, features[start]).mean(dim=1)
+    # The official initialisation: mean Euclidean distance to the start points.
+    min_sq = _distances_to(features, sq_norms, features[start]).mean(dim=1).square_()
+    # From here on squared distances are tracked: sqrt is monotone, so the minimum and the argmax
+    # are the same as the official loop's, and each step is one BLAS matrix-vector product.
+    new_sq = torch.empty_like(min_sq)
     chosen = np.empty(num_samples, dtype=np.int64)
     for step in tqdm(range(num_samples), desc="Greedy coreset", disable=not progress, leave=False):
-        idx = int(torch.argmax(min_dist))
+        idx = int(torch.argmax(min_sq))
         chosen[step] = idx
-        new = _distances_to(features, sq_norms, features[idx : idx + 1])[:, 0]
-        torch.minimum(min_dist, new, out=min_dist)
+        torch.addmv(sq_norms, features, features[idx], alpha=-2.0, out=new_sq)
+        new_sq.add_(sq_norms[idx]).clamp_(min=0)
+        torch.minimum(min_sq, new_sq, out=min_sq)
     return chosen
 
 

@@ -1,0 +1,86 @@
+"""The greedy coreset alone: time and peak memory, ours beside the official loop.
+
+The reference is a transcription of the official ApproximateGreedyCoresetSampler loop (one full
+sqrt-distance update and a concatenate + min per step). Both run on the same projected features
+and must select the same indices. Each case runs in its own subprocess for its peak RSS.
+
+    .venv/bin/python bench/coreset.py [--sizes 100000 400000] [--ratios 0.01 0.1] [--max-steps 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import _common
+import numpy as np
+import torch
+
+
+def official_loop(features: torch.Tensor, num: int, start: np.ndarray) -> np.ndarray:
+    def dists(a, b):
+        a_a = a.pow(2).sum(dim=-1).reshape(-1, 1)
+        b_b = b.pow(2).sum(dim=-1).reshape(1, -1)
+        return (-2 * a.mm(b.T) + a_a + b_b).clamp(0, None).sqrt()
+
+    anchor = torch.mean(dists(features, features[start]), dim=-1).reshape(-1, 1)
+    chosen = []
+    for _ in range(num):
+        idx = torch.argmax(anchor).item()
+        chosen.append(idx)
+        new = dists(features, features[idx : idx + 1])
+        anchor = torch.min(torch.cat([anchor, new], dim=-1), dim=1).values.reshape(-1, 1)
+    return np.array(chosen)
+
+
+def child(n: int, ratio: float, impl: str, max_steps: int) -> None:
+    from mhpc.memory_bank.greedy import greedy_coreset_indices
+
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(n, 128, generator=gen)  # already projected to 128 dimensions
+    steps = min(int(n * ratio), max_steps)
+    start = np.random.default_rng(0).choice(n, 10, replace=False)
+    base_rss = _common.peak_rss_mb()
+    t0 = time.perf_counter()
+    if impl == "mhpc":
+        idx = greedy_coreset_indices(features, steps, 10, np.random.default_rng(0))
+    else:
+        idx = official_loop(features, steps, start)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "steps": steps, "full_steps": int(n * ratio),
+                      "peak_rss_mb": _common.peak_rss_mb(), "input_mb": base_rss, "head": idx[:20].tolist()}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", nargs="+", type=int, default=[100_000, 400_000, 1_000_000])
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.01, 0.1])
+    ap.add_argument("--max-steps", type=int, default=2000, help="steps actually timed; the rest is extrapolated")
+    ap.add_argument("--child", nargs=3)
+    args = ap.parse_args()
+    if args.child:
+        child(int(args.child[0]), float(args.child[1]), args.child[2], args.max_steps)
+        return
+    print(_common.machine_line())
+    print("| N | ratio | steps timed | official s/step | mhpc s/step | speed-up | est. full time mhpc | peak RSS MB official / mhpc | same picks |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in args.sizes:
+        for ratio in args.ratios:
+            res = {}
+            for impl in ("official", "mhpc"):
+                out = subprocess.run([sys.executable, __file__, "--max-steps", str(args.max_steps), "--child", str(n),
+                                      str(ratio), impl], capture_output=True, text=True, check=True).stdout
+                res[impl] = json.loads(out.strip().splitlines()[-1])
+            o, m = res["official"], res["mhpc"]
+            per_o, per_m = o["seconds"] / o["steps"], m["seconds"] / m["steps"]
+            print(f"| {n} | {ratio} | {m['steps']} | {per_o * 1e3:.2f} ms | {per_m * 1e3:.2f} ms | {per_o / per_m:.2f}x | "
+                  f"{per_m * m['full_steps']:.0f} s | {o['peak_rss_mb']:.0f} / {m['peak_rss_mb']:.0f} | "
+                  f"{o['head'] == m['head']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -330,24 +330,24 @@ class MHPatchCore:
                 bank = self.reduction_.transform(bank)
             self.memory_bank_ = self.space_.transform(bank).float().contiguous()
             return
-        if total_patches is None and self.aggregation_ is PatchCoreAggregation.KMEANS:
-            total_patches = self._count_patches(loader)
-        aggregator = self._make_aggregator(total_patches)
+        n_images = self._count_images(loader) if total_patches is None else None
+        aggregator = None
         for feats in self._stream(loader, f"Pass {self.n_passes_}/{self.n_passes_}: memory bank"):
+            if aggregator is None:  # the first batch tells the patch grid
+                if total_patches is None and n_images is not None:
+                    total_patches = n_images * self.grid_shape_[0] * self.grid_shape_[1]
+                aggregator = self._make_aggregator(total_patches)
             aggregator.partial_fit(self.space_.transform(self.reduction_.transform(feats)))
         self.memory_bank_ = aggregator.finalize().float().contiguous()
 
-    def _count_patches(self, loader: Iterable) -> int | None:
-        """Patch count for a fractional k-means cluster count, without running the backbone."""
-        if not isinstance(self.kmeans_clusters, float):
+    def _count_images(self, loader: Iterable) -> int | None:
+        """Image count for a fractional k-means cluster count, without running the backbone."""
+        if self.aggregation_ is not PatchCoreAggregation.KMEANS or not isinstance(self.kmeans_clusters, float):
             return None
         dataset = getattr(loader, "dataset", None)
         if dataset is not None and hasattr(dataset, "__len__"):
-            n_images = len(dataset)
-        else:
-            n_images = sum(self._images(b).shape[0] for b in loader)
-        h, w = self.feature_extractor_(torch.zeros(1, 3, *self.input_shape, device=self.device_))[1]
-        return n_images * h * w
+            return len(dataset)
+        return sum(self._images(b).shape[0] for b in loader)
 
     # ------------------------------------------------------------------ predict
     def _check_fitted(self) -> None:

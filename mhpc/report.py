@@ -23,7 +23,7 @@ from mhpc.data.transforms import denormalize  # noqa: E402
 from mhpc.metrics import image_roc_curve, pro_curve  # noqa: E402
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}
 th{background:#eee}td:first-child,th:first-child{text-align:left}.fig{display:inline-block;margin:0 1em 1em 0}
 .gallery{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ccc;padding:6px;font-size:12px;width:460px}
 .card img{width:224px;height:224px;image-rendering:pixelated}"""

@@ -1,5 +1,6 @@
 """The patch features must equal the official PatchCore's (amazon-science/patchcore-inspection)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -44,21 +45,28 @@ def official_embed(fmaps, patchsize, pretrain_dim, target_dim):
     return F.adaptive_avg_pool1d(stacked.reshape(len(stacked), 1, -1), target_dim).reshape(len(stacked), -1), ref
 
 
-def test_matches_official_embedding():
+@pytest.mark.parametrize(
+    "layers,patchsize,pretrain,target",
+    [(["layer2", "layer3"], 3, 96, 80),  # pooling windows straddle the layer boundary
+     (["layer2", "layer3"], 3, 1024, 1024),  # the paper's dimensions (up-pooling for small layers)
+     (["layer1", "layer2", "layer3"], 5, 200, 333),
+     (["layer3"], 1, 64, 64)],
+)
+def test_matches_official_embedding(layers, patchsize, pretrain, target):
     torch.manual_seed(0)
     backbone = load_backbone("resnet18", pretrained=False, seed=0)
-    extractor = PatchFeatureExtractor(backbone, ["layer2", "layer3"], 3, 96, 80)
+    extractor = PatchFeatureExtractor(backbone, layers, patchsize, pretrain, target)
     images = torch.randn(2, 3, 96, 96)
     ours, grid = extractor(images)
     with torch.no_grad():
         x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
-        l1 = backbone.layer1(x)
-        l2 = backbone.layer2(l1)
-        l3 = backbone.layer3(l2)
-    ref, ref_grid = official_embed([l2, l3], 3, 96, 80)
-    assert grid == tuple(ref_grid) == (12, 12)
-    assert ours.shape == (2, 144, 80)
-    torch.testing.assert_close(ours.reshape(-1, 80), ref, rtol=1e-5, atol=1e-6)
+        outs = {"layer1": backbone.layer1(x)}
+        outs["layer2"] = backbone.layer2(outs["layer1"])
+        outs["layer3"] = backbone.layer3(outs["layer2"])
+    ref, ref_grid = official_embed([outs[l] for l in layers], patchsize, pretrain, target)
+    assert grid == tuple(ref_grid)
+    assert ours.shape == (2, grid[0] * grid[1], target)
+    torch.testing.assert_close(ours.reshape(-1, target), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_forward_stops_after_last_layer():

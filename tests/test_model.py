@@ -190,3 +190,10 @@ def test_pretrained_mobilenet_from_offline_file(tiny_set):
     model = tiny_model(backbone="mobilenet_v2", embedding_layers=None, pretrained=True)
     scores = model.fit(train).predict(test)[0]
     assert scores[4] > scores[:4].max()
+
+
+def test_folded_projection_equals_pca_then_whitening(fitted, tiny_set):
+    assert fitted.affine_ is not None
+    feats = fitted._embed(tiny_set[0][0]).reshape(-1, 48)
+    two_step = fitted.space_.transform(fitted.reduction_.transform(feats).double())
+    torch.testing.assert_close(fitted._project(feats).double(), two_step, rtol=1e-3, atol=1e-3)

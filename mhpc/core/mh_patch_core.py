@@ -288,10 +288,9 @@ class MHPatchCore:
     def _fit_vanilla(self, loader: Iterable) -> None:
         feats = torch.cat([f.cpu() for f in self._stream(loader, "Extracting features")])
         self.reduction_.fit(feats)
-        feats = self.reduction_.transform(feats)
-        self.space_.fit(feats)
-        feats = self.space_.transform(feats)
-        self.memory_bank_ = self._make_aggregator().run(feats).cpu().contiguous()
+        self.space_.fit(self.reduction_.transform(feats))
+        self._finish_projection()
+        self.memory_bank_ = self._make_aggregator().run(self._project(feats)).cpu().contiguous()
 
     def _fit_online(self, loader: Iterable) -> None:
         """Streams the loader once per stage that needs the previous stage's final state:
@@ -323,12 +322,12 @@ class MHPatchCore:
                     if keep_all and last:
                         collected.append(reduced.cpu())
             (self.reduction_ if stage == "pca" else self.space_).finalize()
+        self._finish_projection()
 
         if keep_all and stats_stages:
-            bank = torch.cat(collected)
-            if stats_stages[-1] == "pca":
-                bank = self.reduction_.transform(bank)
-            self.memory_bank_ = self.space_.transform(bank).float().contiguous()
+            bank = torch.cat(collected)  # raw features after a PCA pass, reduced ones after a covariance pass
+            bank = self._project(bank) if stats_stages[-1] == "pca" else self.space_.transform(bank)
+            self.memory_bank_ = bank.float().contiguous()
             return
         n_images = self._count_images(loader) if total_patches is None else None
         aggregator = None
@@ -337,7 +336,7 @@ class MHPatchCore:
                 if total_patches is None and n_images is not None:
                     total_patches = n_images * self.grid_shape_[0] * self.grid_shape_[1]
                 aggregator = self._make_aggregator(total_patches)
-            aggregator.partial_fit(self.space_.transform(self.reduction_.transform(feats)))
+            aggregator.partial_fit(self._project(feats))
         self.memory_bank_ = aggregator.finalize().float().contiguous()
 
     def _count_images(self, loader: Iterable) -> int | None:
@@ -348,6 +347,21 @@ class MHPatchCore:
         if dataset is not None and hasattr(dataset, "__len__"):
             return len(dataset)
         return sum(self._images(b).shape[0] for b in loader)
+
+    def _finish_projection(self) -> None:
+        """Once PCA and whitening are final, fold PCA + whitening into one float32 affine map
+        (L^-1 W by triangular solve, computed once), so scoring needs one matrix product."""
+        self.affine_ = None
+        if isinstance(self.reduction_, PCAReduction) and isinstance(self.space_, Whitener):
+            a, b = self.space_.compose(*self.reduction_.affine())
+            self.affine_ = (a.float().T.contiguous().to(self.device_), b.float().to(self.device_))
+
+    def _project(self, features: torch.Tensor) -> torch.Tensor:
+        """Feature reduction, then the distance's space: the vectors the bank and the search use."""
+        if getattr(self, "affine_", None) is not None:
+            a_t, b = (t.to(features.device) for t in self.affine_)
+            return torch.addmm(b, features, a_t)
+        return self.space_.transform(self.reduction_.transform(features))
 
     # ------------------------------------------------------------------ predict
     def _check_fitted(self) -> None:
@@ -364,7 +378,7 @@ class MHPatchCore:
         feats = self._embed(images)
         b, p, d = feats.shape
         with stage_timer("projection"):
-            z = self.space_.transform(self.reduction_.transform(feats.reshape(-1, d)))
+            z = self._project(feats.reshape(-1, d))
         with stage_timer("nearest-neighbour search"):
             patch, nearest = self.scorer_.patch_scores(z)
         patch = patch.reshape(b, p)

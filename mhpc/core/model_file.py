@@ -133,6 +133,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
         model.reduction_.set_state(tensors["pca_mean"], tensors["pca_components"])
     if "whiten_cholesky" in tensors:
         model.space_.set_state(tensors["whiten_mean"], tensors["whiten_cholesky"])
+    model._finish_projection()
     model.memory_bank_ = tensors["memory_bank"]
     model.grid_shape_ = tuple(state["grid_shape"])
     model.n_train_images_ = state["n_train_images"]

@@ -87,6 +87,11 @@ class PCAReduction:
         self.mean_, self.components_ = mean.float(), components.float()
         return self
 
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projection as x -> M x + o (float64)."""
+        m = self.components_.double()
+        return m, -(m @ self.mean_.double())
+
     def transform(self, features: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "components_"):
             raise NotFittedError("PCA is not fitted yet")

@@ -41,12 +41,24 @@ class Whitener:
         self.mean_, self.cholesky_ = mean.to(torch.float64), cholesky.to(torch.float64)
         return self
 
+    def _factors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """mu and L in the features' device and dtype, cached (statistics stay float64)."""
+        cache = self.__dict__.setdefault("_cache", {})
+        key = (device, dtype)
+        if key not in cache:
+            cache[key] = (self.mean_.to(device, dtype), self.cholesky_.to(device, dtype))
+        return cache[key]
+
     def transform(self, features: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "cholesky_"):
             raise NotFittedError("Whitener is not fitted yet")
-        mean = self.mean_.to(features.device)
-        chol = self.cholesky_.to(features.device)
-        centred = (features.to(torch.float64) - mean).T
+        mean, chol = self._factors(features.device, features.dtype)
         # Triangular solve, never an explicit inverse: better conditioned and cheaper.
-        z = torch.linalg.solve_triangular(chol, centred, upper=False).T
-        return z.to(features.dtype)
+        return torch.linalg.solve_triangular(chol, (features - mean).T, upper=False).T
+
+    def compose(self, matrix: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a preceding affine map x -> M x + o, returns (L^-1 M, L^-1 (o - mu)) by triangular solves."""
+        chol = self.cholesky_
+        a = torch.linalg.solve_triangular(chol, matrix.to(chol), upper=False)
+        b = torch.linalg.solve_triangular(chol, (offset.to(chol) - self.mean_)[:, None], upper=False)[:, 0]
+        return a, b

@@ -55,3 +55,16 @@ def texture_loader(n: int, batch_size: int = 16, seed: int = 0, size: int = 224)
     from mhpc.data.synthetic import TextureCropDataset
 
     return torch.utils.data.DataLoader(TextureCropDataset(n, size=size, seed=seed), batch_size=batch_size)
+
+
+def run_child(script: str, args: list[str], env: dict | None = None) -> dict:
+    """Runs ``python script args`` in a fresh process (its own peak RSS); returns its last JSON line."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or ["(no output)"]
+        raise RuntimeError(f"{script} {' '.join(args)} failed: {lines[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

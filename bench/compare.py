@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -142,12 +140,11 @@ def main() -> None:
                 env["MALLOC_MMAP_THRESHOLD_"] = "131072"
             else:
                 env.pop("MALLOC_MMAP_THRESHOLD_", None)
-            proc = subprocess.run([sys.executable, __file__, "--child", str(Path(args.data).resolve()), category, run], capture_output=True,
-                                  text=True, env=env, cwd=Path(__file__).parent.parent)
-            if proc.returncode != 0:
-                print(f"| {category} | {run} | failed: {proc.stderr.strip().splitlines()[-1][:120]} |", flush=True)
+            try:
+                r = _common.run_child(__file__, ["--child", str(Path(args.data).resolve()), category, run], env)
+            except RuntimeError as exc:
+                print(f"| {category} | {run} | {str(exc)[-160:]} |", flush=True)
                 continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"| {category} | {run} | {r['fit_s']:.1f} | {r['img_per_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['bank']} | "
                   f"{r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['pixel_aupro']:.3f} |", flush=True)
 

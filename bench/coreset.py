@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 
 import _common
@@ -72,9 +70,8 @@ def main() -> None:
         for ratio in args.ratios:
             res = {}
             for impl in ("official", "mhpc"):
-                out = subprocess.run([sys.executable, __file__, "--max-steps", str(args.max_steps), "--child", str(n),
-                                      str(ratio), impl], capture_output=True, text=True, check=True).stdout
-                res[impl] = json.loads(out.strip().splitlines()[-1])
+                res[impl] = _common.run_child(__file__, ["--max-steps", str(args.max_steps), "--child", str(n),
+                                                         str(ratio), impl])
             o, m = res["official"], res["mhpc"]
             per_o, per_m = o["seconds"] / o["steps"], m["seconds"] / m["steps"]
             print(f"| {n} | {ratio} | {m['steps']} | {per_o * 1e3:.2f} ms | {per_m * 1e3:.2f} ms | {per_o / per_m:.2f}x | "

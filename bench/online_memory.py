@@ -12,9 +12,9 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
+
+import _common
 
 CONFIGS = {
     "proposed (ONLINE+KMEANS+PCA+MAHALANOBIS)": dict(algorithm="ONLINE", aggregation="KMEANS", feature_reduction="PCA", distance="MAHALANOBIS"),
@@ -53,9 +53,7 @@ def main() -> None:
     for config in CONFIGS:
         rows = []
         for n in (args.n, 8 * args.n):
-            out = subprocess.run([sys.executable, __file__, "--backbone", args.backbone, "--child", str(n), config],
-                                 capture_output=True, text=True, env=env, check=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+            rows.append(_common.run_child(__file__, ["--backbone", args.backbone, "--child", str(n), config], env))
             r = rows[-1]
             print(f"| {config} | {r['n']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['bank']} |", flush=True)
         ratio = rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]

@@ -209,3 +209,14 @@ def test_blur_matches_scipy(sigma, shape):
     ours = gaussian_blur(maps, sigma).numpy()
     ref = np.stack([ndimage.gaussian_filter(m, sigma=sigma) for m in maps.numpy()])
     np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_sized_loader_collects_the_same_features_as_a_list(tiny_set):
+    train = tiny_set[0]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat(train)), batch_size=5)
+    as_loader = tiny_model(aggregation="NONE").fit([b[0] for b in loader])
+    sized = tiny_model(aggregation="NONE")
+    sized._validate()
+    sized._build()
+    feats = sized._collect(torch.utils.data.DataLoader(torch.cat(train), batch_size=5))
+    assert torch.equal(feats, as_loader.memory_bank_)

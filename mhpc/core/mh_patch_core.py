@@ -286,11 +286,31 @@ class MHPatchCore:
         return self
 
     def _fit_vanilla(self, loader: Iterable) -> None:
-        feats = torch.cat([f.cpu() for f in self._stream(loader, "Extracting features")])
+        feats = self._collect(loader)
         self.reduction_.fit(feats)
         self.space_.fit(self.reduction_.transform(feats))
         self._finish_projection()
         self.memory_bank_ = self._make_aggregator().run(self._project(feats)).cpu().contiguous()
+
+    def _collect(self, loader: Iterable) -> torch.Tensor:
+        """All patch features [N*P, D] on the CPU. With a sized dataset the matrix is allocated once and
+        filled, so the features are held once rather than twice (list + concatenation)."""
+        dataset = getattr(loader, "dataset", None)
+        n_images = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+        parts: list[torch.Tensor] = []
+        out, row = None, 0
+        for feats in self._stream(loader, "Extracting features"):
+            if n_images is not None and out is None:
+                per_image = self.grid_shape_[0] * self.grid_shape_[1]
+                out = torch.empty(n_images * per_image, feats.shape[1], dtype=feats.dtype)
+            if out is not None and row + feats.shape[0] <= out.shape[0]:
+                out[row : row + feats.shape[0]] = feats
+                row += feats.shape[0]
+            else:  # unsized loader, or a dataset that yields more than its length says
+                parts.append(feats.cpu())
+        if out is None:
+            return torch.cat(parts)
+        return torch.cat([out[:row], *parts]) if parts else out[:row]
 
     def _fit_online(self, loader: Iterable) -> None:
         """Streams the loader once per stage that needs the previous stage's final state:

@@ -199,18 +199,6 @@ def test_folded_projection_equals_pca_then_whitening(fitted, tiny_set):
     torch.testing.assert_close(fitted._project(feats).double(), two_step, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("sigma,shape", [(4.0, (2, 224, 224)), (4.0, (1, 30, 50)), (1.5, (3, 17, 9))])
-def test_blur_matches_scipy(sigma, shape):
-    from scipy import ndimage
-
-    from mhpc.core.scoring import gaussian_blur
-
-    maps = torch.rand(*shape, dtype=torch.float64)
-    ours = gaussian_blur(maps, sigma).numpy()
-    ref = np.stack([ndimage.gaussian_filter(m, sigma=sigma) for m in maps.numpy()])
-    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
-
-
 def test_sized_loader_collects_the_same_features_as_a_list(tiny_set):
     train = tiny_set[0]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat(train)), batch_size=5)

@@ -71,6 +71,12 @@ def parse_enum(enum_cls: type[enum.Enum], value: Any, param: str) -> Any:
         raise MHPCError(f"invalid {param} {value!r}; choose one of {[m.name for m in enum_cls]}") from None
 
 
+def _dataset_len(loader: Iterable) -> int | None:
+    """The number of images of a DataLoader over a sized dataset, else None."""
+    dataset = getattr(loader, "dataset", None)
+    return len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+
+
 class _IdentitySpace:
     """EUCLIDEAN distance: the search space is the (reduced) feature space itself."""
 
@@ -295,8 +301,7 @@ class MHPatchCore:
     def _collect(self, loader: Iterable) -> torch.Tensor:
         """All patch features [N*P, D] on the CPU. With a sized dataset the matrix is allocated once and
         filled, so the features are held once rather than twice (list + concatenation)."""
-        dataset = getattr(loader, "dataset", None)
-        n_images = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+        n_images = _dataset_len(loader)
         parts: list[torch.Tensor] = []
         out, row = None, 0
         for feats in self._stream(loader, "Extracting features"):
@@ -363,10 +368,8 @@ class MHPatchCore:
         """Image count for a fractional k-means cluster count, without running the backbone."""
         if self.aggregation_ is not PatchCoreAggregation.KMEANS or not isinstance(self.kmeans_clusters, float):
             return None
-        dataset = getattr(loader, "dataset", None)
-        if dataset is not None and hasattr(dataset, "__len__"):
-            return len(dataset)
-        return sum(self._images(b).shape[0] for b in loader)
+        n_images = _dataset_len(loader)
+        return n_images if n_images is not None else sum(self._images(b).shape[0] for b in loader)
 
     def _finish_projection(self) -> None:
         """Once PCA and whitening are final, fold PCA + whitening into one float32 affine map

@@ -6,6 +6,7 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from mhpc.errors import MHPCError
 
@@ -70,35 +71,14 @@ def reweight_image_scores(
     return (1.0 - weights[:, 0]) * patch_scores[rows, worst]
 
 
-def _reflect_index(n: int, radius: int) -> torch.Tensor:
-    """Indices that pad a length-n axis by ``radius`` with scipy's 'reflect' (half-sample symmetric)."""
-    idx = torch.arange(-radius, n + radius)
-    period = 2 * n
-    idx = torch.remainder(idx, period)
-    return torch.where(idx >= n, period - 1 - idx, idx)
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """``scipy.ndimage.gaussian_filter(m, sigma)`` for each [H, W] map of a batch, in torch.
-
-    Same kernel (radius ``int(truncate * sigma + 0.5)``, normalised) and the same 'reflect'
-    boundary; separable, so the whole batch is two 1-D convolutions instead of a Python loop.
-    """
-    radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(maps.dtype)[None, None]
-    b, h, w = maps.shape
-    rows = maps[:, :, _reflect_index(w, radius)].reshape(b * h, 1, -1)
-    out = F.conv1d(rows, kernel).reshape(b, h, w)
-    cols = out[:, _reflect_index(h, radius), :].transpose(1, 2).reshape(b * w, 1, -1)
-    return F.conv1d(cols, kernel).reshape(b, w, h).transpose(1, 2)
-
-
 def anomaly_maps(patch_scores: torch.Tensor, size: tuple[int, int], sigma: float = 4.0) -> np.ndarray:
-    """``[B, h, w]`` patch scores -> bilinear upsampling to ``size`` -> Gaussian blur (sigma 4),
-    as the official segmentor (which calls ``scipy.ndimage.gaussian_filter``)."""
+    """``[B, h, w]`` patch scores -> bilinear upsampling to ``size`` -> Gaussian blur (sigma 4).
+
+    ``scipy.ndimage.gaussian_filter`` is what the official segmentor uses. (A separable torch
+    convolution was measured as no faster on the CPU: 1.5 vs 1.1-2.0 ms per 224x224 map.)
+    """
     up = F.interpolate(patch_scores[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    up = up.cpu().numpy()
     if sigma > 0:
-        up = gaussian_blur(up.double(), sigma)
-    return up.float().cpu().numpy()
+        up = np.stack([ndimage.gaussian_filter(m, sigma=sigma) for m in up])
+    return up.astype(np.float32)

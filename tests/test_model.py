@@ -208,3 +208,35 @@ def test_sized_loader_collects_the_same_features_as_a_list(tiny_set):
     sized._build()
     feats = sized._collect(torch.utils.data.DataLoader(torch.cat(train), batch_size=5))
     assert torch.equal(feats, as_loader.memory_bank_)
+
+
+def test_weights_path_loads_a_local_state_dict(tmp_path):
+    from mhpc.core.backbones import load_backbone, state_fingerprint
+
+    reference = load_backbone("resnet18", pretrained=False, seed=7)
+    torch.save(reference.state_dict(), tmp_path / "w.pth")
+    loaded = load_backbone("resnet18", weights_path=tmp_path / "w.pth")
+    assert state_fingerprint(loaded) == state_fingerprint(reference)
+    assert state_fingerprint(load_backbone("resnet18", pretrained=False, seed=8)) != state_fingerprint(reference)
+    with pytest.raises(MHPCError, match="not found"):
+        load_backbone("resnet18", weights_path=tmp_path / "missing.pth")
+    (tmp_path / "bad.pth").write_bytes(b"junk")
+    with pytest.raises(MHPCError, match="bad.pth"):
+        load_backbone("resnet18", weights_path=tmp_path / "bad.pth")
+
+
+def test_blur_sigma_zero_gives_the_upsampled_patch_scores(tiny_set):
+    import torch.nn.functional as F
+
+    train, test, _ = tiny_set
+    images = test[0]["image"]
+    model = tiny_model(blur_sigma=0).fit(train)
+    scores, maps = model.predict_images(images)
+    feats = model._embed(images)
+    patch, _ = model.scorer_.patch_scores(model._project(feats.reshape(-1, feats.shape[-1])))
+    patch = torch.from_numpy(patch).reshape(5, 1, *model.grid_shape_)
+    expected = F.interpolate(patch, size=(64, 64), mode="bilinear", align_corners=False)[:, 0].numpy()
+    np.testing.assert_allclose(maps, expected, rtol=1e-6)
+    np.testing.assert_allclose(scores, patch.reshape(5, -1).max(dim=1).values.numpy(), rtol=1e-6)
+    blurred = tiny_model().fit(train).predict_images(images)[1]
+    assert not np.allclose(blurred, maps)

@@ -152,12 +152,11 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from mhpc.evaluation import evaluate_category
+    from mhpc.evaluation import METRIC_KEYS, evaluate_category
 
     m = evaluate_category(_model_config(args), args.data, args.category, args.out, args.device, args.batch_size,
                           progress=not args.quiet, report=not args.no_report)
-    print(json.dumps({k: m[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro", "f1_max", "fit_seconds",
-                                        "predict_ms_per_image", "peak_rss_mb", "memory_bank_size")}, indent=2))
+    print(json.dumps({k: m[k] for k in METRIC_KEYS}, indent=2))
 
 
 def _cmd_ablation(args: argparse.Namespace) -> None:

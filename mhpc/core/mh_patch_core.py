@@ -2,8 +2,8 @@
 
 ``MHPatchCore`` only wires small strategy objects together:
   feature extraction  -> ``PatchFeatureExtractor`` (an nn.Module)
-  feature_reduction   -> ``IdentityReduction`` / ``PCAReduction``
-  distance            -> identity / ``Whitener`` (z = L^-1 (x - mu))
+  feature_reduction   -> ``Identity`` / ``PCAReduction``
+  distance            -> ``Identity`` / ``Whitener`` (z = L^-1 (x - mu))
   aggregation         -> ``ApproximateGreedyCoreset`` / ``KMeansBank`` / ``KeepAll``
   scoring             -> ``NearestNeighbourScorer`` + ``anomaly_maps``
 The algorithm axis decides whether those strategies are fitted at once (VANILLA) or streamed
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from mhpc.core.backbones import BackboneName, default_layers, load_backbone, parse_backbone
 from mhpc.core.feature_extractor import PatchFeatureExtractor
-from mhpc.core.reduction import IdentityReduction, PCAReduction
+from mhpc.core.reduction import Identity, PCAReduction
 from mhpc.core.timing import stage_timer
 from mhpc.core.scoring import NearestNeighbourScorer, anomaly_maps, reweight_image_scores
 from mhpc.errors import MHPCError, NotFittedError
@@ -75,22 +75,6 @@ def _dataset_len(loader: Iterable) -> int | None:
     """The number of images of a DataLoader over a sized dataset, else None."""
     dataset = getattr(loader, "dataset", None)
     return len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
-
-
-class _IdentitySpace:
-    """EUCLIDEAN distance: the search space is the (reduced) feature space itself."""
-
-    def partial_fit(self, features: torch.Tensor) -> "_IdentitySpace":
-        return self
-
-    def finalize(self) -> "_IdentitySpace":
-        return self
-
-    def fit(self, features: torch.Tensor) -> "_IdentitySpace":
-        return self
-
-    def transform(self, features: torch.Tensor) -> torch.Tensor:
-        return features
 
 
 class MHPatchCore:
@@ -221,11 +205,11 @@ class MHPatchCore:
         if self.feature_reduction_ is PatchCoreFeatureReduction.PCA:
             self.reduction_ = PCAReduction(self.pca_variance_ratio, int(self.pca_batch_size))
         else:
-            self.reduction_ = IdentityReduction()
+            self.reduction_ = Identity()
         if self.distance_ is PatchCoreDistance.MAHALANOBIS:
             self.space_ = Whitener(self.covariance_shrinkage, self.covariance_jitter)
         else:
-            self.space_ = _IdentitySpace()
+            self.space_ = Identity()  # EUCLIDEAN: search in the (reduced) feature space itself
         self.scorer_ = NearestNeighbourScorer(self.num_nn, self.squared_distances)
 
     def _make_aggregator(self, expected_patches: int | None = None):

@@ -14,16 +14,16 @@ from mhpc.errors import MHPCError, NotFittedError
 from mhpc.row_buffer import RowBuffer
 
 
-class IdentityReduction:
-    needs_fit = False
+class Identity:
+    """A stage that passes features through: feature reduction NONE, and the EUCLIDEAN space."""
 
-    def fit(self, features: torch.Tensor) -> "IdentityReduction":
+    def fit(self, features: torch.Tensor) -> "Identity":
         return self
 
-    def partial_fit(self, features: torch.Tensor) -> "IdentityReduction":
+    def partial_fit(self, features: torch.Tensor) -> "Identity":
         return self
 
-    def finalize(self) -> "IdentityReduction":
+    def finalize(self) -> "Identity":
         return self
 
     def transform(self, features: torch.Tensor) -> torch.Tensor:
@@ -32,8 +32,6 @@ class IdentityReduction:
 
 class PCAReduction:
     """Keeps the leading components that explain ``variance_ratio`` of the variance."""
-
-    needs_fit = True
 
     def __init__(self, variance_ratio: float = 0.99, batch_size: int = 2048) -> None:
         if not 0.0 < variance_ratio <= 1.0:

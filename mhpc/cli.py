@@ -44,8 +44,7 @@ def _model_config(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = value
-    if args.random_init:
-        cfg["pretrained"] = False
+    cfg.update(_overrides(args))
     cfg["progress"] = not args.quiet
     cfg["device"] = args.device
     return cfg
@@ -76,6 +75,11 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     from mhpc.data.datasets import FolderDataset, MVTecDataset, SampleDataset, make_loader
     from mhpc.evaluation import build_model
 
+    # Checked before any work, so a typo never costs a whole fit.
+    if not 0.0 <= args.holdout < 1.0:
+        raise MHPCError(f"--holdout must be in [0, 1), got {args.holdout}")
+    if not 0.0 < args.threshold_quantile <= 1.0:
+        raise MHPCError(f"--threshold-quantile must be in (0, 1], got {args.threshold_quantile}")
     if args.folder:
         full = FolderDataset(args.folder)
     elif args.data and args.category:

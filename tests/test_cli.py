@@ -43,6 +43,15 @@ def test_fit_then_predict(data, tmp_path):
     assert amap.dtype == np.float32 and amap.shape == (224, 224)
 
 
+@pytest.mark.parametrize("flag,value", [("--threshold-quantile", "1.5"), ("--holdout", "1.2")])
+def test_fit_rejects_bad_threshold_options_before_fitting(data, tmp_path, flag, value, capsys):
+    model = tmp_path / "m"
+    argv = ["fit", "--data", str(data), "--category", "grass", "--out", str(model), flag, value, *FAST]
+    assert main(argv) == 2
+    assert flag in capsys.readouterr().err
+    assert not model.exists()
+
+
 def test_fit_with_config_file_and_folder(data, tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("alg: ONLINE\nagg: KMEANS\nred: PCA\ndist: MAHALANOBIS\nkmeans_clusters: 50\ntarget_embed_dimension: 64\n")

@@ -99,10 +99,10 @@ def folder_samples(normal_dir: str | Path, abnormal_dir: str | Path | None = Non
     """Normal images, then abnormal ones; a mask is ``mask_dir/<stem>_mask.png`` or ``<stem>.png``."""
     samples = [Sample(p, None, False, "good") for p in list_images(_require_dir(Path(normal_dir), "normal folder"))]
     if abnormal_dir is not None:
+        mdir = _require_dir(Path(mask_dir), "mask folder") if mask_dir is not None else None
         for image in list_images(_require_dir(Path(abnormal_dir), "abnormal folder")):
             mask = None
-            if mask_dir is not None:
-                mdir = _require_dir(Path(mask_dir), "mask folder")
+            if mdir is not None:
                 mask = _mask_for(mdir, image, same_name=True)
                 if mask is None:
                     raise MHPCError(f"missing mask for abnormal image {image} in {mdir}")

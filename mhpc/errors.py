@@ -2,7 +2,7 @@
 
 from sklearn.exceptions import NotFittedError
 
-__all__ = ["NotFittedError", "MHPCError", "ModelFileError"]
+__all__ = ["NotFittedError", "MHPCError", "ModelFileError", "MHPCWarning"]
 
 
 class MHPCError(ValueError):
@@ -11,3 +11,8 @@ class MHPCError(ValueError):
 
 class ModelFileError(MHPCError):
     """A model file that is truncated, tampered with, or from another format version."""
+
+
+class MHPCWarning(UserWarning):
+    """A legal but doubtful input (few threshold images, a huge cluster count, an ill-conditioned covariance).
+    The CLI prints it as one line."""

@@ -13,6 +13,9 @@ batch by batch (ONLINE).
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
+import numbers
 from collections.abc import Iterable
 from os import PathLike
 from typing import Any
@@ -25,10 +28,12 @@ from mhpc.core.backbones import BackboneName, default_layers, load_backbone, par
 from mhpc.core.feature_extractor import PatchFeatureExtractor
 from mhpc.core.reduction import Identity, PCAReduction
 from mhpc.core.timing import stage_timer
+from mhpc.data.transforms import dataset_preprocessing
 from mhpc.core.scoring import NearestNeighbourScorer, anomaly_maps, reweight_image_scores
 from mhpc.errors import MHPCError, NotFittedError
 from mhpc.mahalanobis import Whitener
 from mhpc.memory_bank import ApproximateGreedyCoreset, KeepAll, KMeansBank
+from mhpc.validation import check_image_batch, check_params, warn
 
 __all__ = [
     "MHPatchCore",
@@ -69,6 +74,11 @@ def parse_enum(enum_cls: type[enum.Enum], value: Any, param: str) -> Any:
         return enum_cls[str(value).upper()]
     except KeyError:
         raise MHPCError(f"invalid {param} {value!r}; choose one of {[m.name for m in enum_cls]}") from None
+
+
+@functools.cache
+def _constructor_params() -> tuple[str, ...]:
+    return tuple(p for p in inspect.signature(MHPatchCore.__init__).parameters if p != "self")
 
 
 def _dataset_len(loader: Iterable) -> int | None:
@@ -165,6 +175,10 @@ class MHPatchCore:
                 value = str(value)
             elif isinstance(value, tuple):
                 value = list(value)
+            elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                value = int(value)  # np.int64 and friends, for JSON
+            elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+                value = float(value)
             cfg[key] = value
         cfg["device"] = str(self.device)
         return cfg
@@ -175,20 +189,7 @@ class MHPatchCore:
         self.feature_reduction_ = parse_enum(PatchCoreFeatureReduction, self.feature_reduction, "feature_reduction")
         self.distance_ = parse_enum(PatchCoreDistance, self.distance, "distance")
         self.backbone_ = parse_backbone(self.backbone)
-        if not 0.0 < float(self.coreset_percentage) <= 1.0:
-            raise MHPCError(f"coreset_percentage must be in (0, 1], got {self.coreset_percentage}")
-        if not 0.0 < float(self.pca_variance_ratio) <= 1.0:
-            raise MHPCError(f"pca_variance_ratio must be in (0, 1], got {self.pca_variance_ratio}")
-        if len(tuple(self.input_shape)) != 2 or min(self.input_shape) < 8:
-            raise MHPCError(f"input_shape must be (height, width) of at least 8 pixels, got {self.input_shape}")
-        for name in ("pretrain_embed_dimension", "target_embed_dimension", "num_nn", "pca_batch_size",
-                     "kmeans_batch_size", "coreset_chunk_size"):
-            if int(getattr(self, name)) < 1:
-                raise MHPCError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if int(self.reweight_num_support) < 0:
-            raise MHPCError(f"reweight_num_support must be >= 0, got {self.reweight_num_support}")
-        if self.blur_sigma < 0:
-            raise MHPCError(f"blur_sigma must be >= 0, got {self.blur_sigma}")
+        check_params({k: getattr(self, k) for k in _constructor_params()})
         try:
             self.device_ = torch.device(self.device)
         except RuntimeError:
@@ -224,23 +225,7 @@ class MHPatchCore:
 
     # ------------------------------------------------------------------ data
     def _images(self, batch: Any) -> torch.Tensor:
-        images = batch["image"] if isinstance(batch, dict) else batch
-        if isinstance(images, (list, tuple)) and images and isinstance(images[0], torch.Tensor):
-            images = images[0]
-        if not isinstance(images, torch.Tensor):
-            raise MHPCError(f"a batch must be an image tensor or a dict with 'image'; got {type(images).__name__}")
-        if images.ndim == 3:
-            images = images[None]
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise MHPCError(
-                f"images must be [B, 3, H, W] (RGB, normalised); got shape {tuple(images.shape)}. "
-                "Convert grayscale or RGBA images to RGB first."
-            )
-        if tuple(images.shape[-2:]) != tuple(self.input_shape):
-            raise MHPCError(f"image size {tuple(images.shape[-2:])} does not match input_shape {tuple(self.input_shape)}")
-        if not torch.isfinite(images).all():
-            raise MHPCError("images contain NaN or Inf values")
-        return images.to(self.device_, torch.float32)
+        return check_image_batch(batch, tuple(self.input_shape)).to(self.device_, torch.float32)
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> patch features [B, P, D]; records the patch grid."""
@@ -266,6 +251,7 @@ class MHPatchCore:
     def fit(self, dataloader: Iterable) -> "MHPatchCore":
         """Builds the memory bank from images of good parts only."""
         self._validate()
+        self.preprocessing_ = dataset_preprocessing(dataloader, self.input_shape)
         self._build()
         if self.algorithm_ is PatchCoreAlgorithm.VANILLA:
             self._fit_vanilla(dataloader)
@@ -350,7 +336,7 @@ class MHPatchCore:
 
     def _count_images(self, loader: Iterable) -> int | None:
         """Image count for a fractional k-means cluster count, without running the backbone."""
-        if self.aggregation_ is not PatchCoreAggregation.KMEANS or not isinstance(self.kmeans_clusters, float):
+        if self.aggregation_ is not PatchCoreAggregation.KMEANS or isinstance(self.kmeans_clusters, numbers.Integral):
             return None
         n_images = _dataset_len(loader)
         return n_images if n_images is not None else sum(self._images(b).shape[0] for b in loader)
@@ -438,6 +424,9 @@ class MHPatchCore:
         if not 0.0 < quantile <= 1.0:
             raise MHPCError(f"quantile must be in (0, 1], got {quantile}")
         scores = self.predict(dataloader)[0]
+        if scores.size < 10:
+            warn(f"the threshold comes from only {scores.size} held-out image(s); with fewer than 10 it is one "
+                 "image's score or close to it, so good images will be flagged. Hold out more good images.")
         self.threshold_ = float(np.quantile(scores, quantile))
         self.threshold_stats_ = {
             "quantile": quantile, "count": int(scores.size), "mean": float(scores.mean()),

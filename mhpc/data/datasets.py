@@ -2,8 +2,10 @@
 
 ``MVTecDataset`` reads ``ROOT/<category>/{train/good, test/<defect>, ground_truth/<defect>}``.
 ``FolderDataset`` reads a folder of normal images with optional abnormal and mask folders.
-Both check the layout when they are built (folders, one mask per defect image), so a bad tree
-fails before any fitting starts; image contents are read, and checked, when an item is loaded.
+Both check the layout when they are built (folders, one mask per defect image). ``validate()``
+decodes every image and mask once (readable, within the size guards, masks matching their image and
+not empty), so the CLI finds a bad file before any backbone runs. Folder datasets default to the
+whole image (``crop="none"``); ``MVTecDataset`` defaults to the MVTec protocol (``crop="center"``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mhpc.data.io import list_images, load_mask, load_rgb
-from mhpc.data.transforms import image_transform, mask_to_tensor
+from mhpc.data.io import bits_for, inspect_image, is_sixteen_bit, list_images, load_mask, load_rgb, png_sbit
+from mhpc.data.transforms import build_transforms, make_preprocessing
 from mhpc.errors import MHPCError
 
 
@@ -28,27 +30,55 @@ class Sample:
 
 
 class SampleDataset(torch.utils.data.Dataset):
-    """Loads a list of ``Sample`` with PatchCore's preprocessing."""
+    """Loads a list of ``Sample`` with the preprocessing dict of ``mhpc.data.transforms`` (default: the
+    whole image at 224 x 224)."""
 
-    def __init__(self, samples: list[Sample], resize: int = 256, crop: int = 224) -> None:
+    def __init__(self, samples: list[Sample], preprocessing: dict | None = None) -> None:
         self.samples = samples
-        self.resize, self.crop = resize, crop
-        self.transform = image_transform(resize, crop)
+        self.preprocessing = dict(preprocessing or make_preprocessing(224, "none"))
+        self.transform, self.mask_transform = build_transforms(self.preprocessing)
+        self._validated = False
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def validate(self) -> "SampleDataset":
+        """Decodes every image and mask once: readable, size guards, masks matching and not empty.
+        16-bit images without an sBIT chunk set ``bit_depth`` from the largest value (unless given)."""
+        if self._validated:
+            return self
+        peak = 0.0
+        for s in self.samples:
+            info = inspect_image(s.image)
+            if info.max_value and png_sbit(s.image) is None:
+                peak = max(peak, info.max_value)
+            if s.mask is not None:
+                mask = load_mask(s.mask)
+                self._check_mask(s, mask, info.size)
+        if peak and self.preprocessing.get("bit_depth") is None:
+            self.preprocessing["bit_depth"] = bits_for(peak)
+        self._validated = True
+        return self
+
+    @staticmethod
+    def _check_mask(s: Sample, mask: Image.Image, size: tuple[int, int]) -> None:
+        if mask.size != size:
+            raise MHPCError(f"mask {s.mask} is {mask.size[0]}x{mask.size[1]} but image {s.image} is "
+                            f"{size[0]}x{size[1]}")
+        if s.is_anomaly and mask.getbbox() is None:
+            raise MHPCError(f"mask {s.mask} of defect image {s.image} is empty (all zero)")
+
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
-        img = load_rgb(s.image)
+        if self.preprocessing.get("bit_depth") is None and not self._validated and is_sixteen_bit(s.image):
+            self.validate()  # 16-bit data: the depth is a property of the whole set, not of one image
+        img = load_rgb(s.image, self.preprocessing.get("bit_depth"))
         if s.mask is not None:
             mask_img = load_mask(s.mask)
-            if mask_img.size != img.size:
-                raise MHPCError(f"mask {s.mask} is {mask_img.size[0]}x{mask_img.size[1]} but image {s.image} is "
-                                f"{img.size[0]}x{img.size[1]}")
-            mask = mask_to_tensor(mask_img, self.resize, self.crop)
+            self._check_mask(s, mask_img, img.size)
+            mask = self.mask_transform(mask_img)
         else:
-            mask = torch.zeros(1, self.crop, self.crop)
+            mask = torch.zeros(1, *self.preprocessing["input_size"])
         return {"image": self.transform(img), "mask": mask, "is_anomaly": int(s.is_anomaly),
                 "image_path": str(s.image), "defect_type": s.defect_type}
 
@@ -90,8 +120,11 @@ def mvtec_samples(root: str | Path, category: str, split: str) -> list[Sample]:
 
 
 class MVTecDataset(SampleDataset):
-    def __init__(self, root: str | Path, category: str, split: str = "train", resize: int = 256, crop: int = 224):
-        super().__init__(mvtec_samples(root, category, split), resize, crop)
+    """The MVTec AD layout; by default the MVTec protocol (resize 256, centre crop 224)."""
+
+    def __init__(self, root: str | Path, category: str, split: str = "train", input_size=224, crop: str = "center",
+                 preprocessing: dict | None = None):
+        super().__init__(mvtec_samples(root, category, split), preprocessing or make_preprocessing(input_size, crop))
 
 
 def folder_samples(normal_dir: str | Path, abnormal_dir: str | Path | None = None,
@@ -113,14 +146,18 @@ def folder_samples(normal_dir: str | Path, abnormal_dir: str | Path | None = Non
 
 
 class FolderDataset(SampleDataset):
-    def __init__(self, normal_dir, abnormal_dir=None, mask_dir=None, resize: int = 256, crop: int = 224):
-        super().__init__(folder_samples(normal_dir, abnormal_dir, mask_dir), resize, crop)
+    """A folder of good images (optionally abnormal ones and masks); by default the whole image."""
+
+    def __init__(self, normal_dir, abnormal_dir=None, mask_dir=None, input_size=224, crop: str = "none",
+                 preprocessing: dict | None = None):
+        super().__init__(folder_samples(normal_dir, abnormal_dir, mask_dir),
+                         preprocessing or make_preprocessing(input_size, crop))
 
 
 class ImageFilesDataset(SampleDataset):
     """Arbitrary image files for ``mhpc predict`` (no labels)."""
 
-    def __init__(self, paths: list[str | Path], resize: int = 256, crop: int = 224):
+    def __init__(self, paths: list[str | Path], input_size=224, crop: str = "none", preprocessing: dict | None = None):
         samples = []
         for p in paths:
             p = Path(p)
@@ -132,7 +169,7 @@ class ImageFilesDataset(SampleDataset):
                 raise MHPCError(f"image path not found: {p}")
         if not samples:
             raise MHPCError(f"no images found in {[str(p) for p in paths]}")
-        super().__init__(samples, resize, crop)
+        super().__init__(samples, preprocessing or make_preprocessing(input_size, crop))
 
 
 def collate(batch: list[dict]) -> dict:

@@ -1,37 +1,153 @@
-"""Reading images and masks with errors that name the file."""
+"""Reading images and masks with errors that name the file.
+
+Pixel values are read as they are: 8-bit modes convert to RGB; float images (mode F) in [0, 1] scale
+to 8 bits; 16-bit images scale by their real bit depth (the PNG sBIT chunk, else the depth of the
+training data's maximum, recorded in the model). Any other mode is an error naming file and mode.
+Sizes are guarded: more than ``MAX_PIXELS`` pixels or an aspect ratio over ``MAX_ASPECT`` is refused
+from the header, before any decoding.
+"""
 
 from __future__ import annotations
 
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mhpc.data.transforms import binary_mask
 from mhpc.errors import MHPCError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+MAX_PIXELS = 100_000_000  # 100 MP: 10000 x 10000; Pillow's own bomb limit is 89 MP (warning) / 179 MP (error)
+MAX_ASPECT = 20.0  # a 1 x 16000 strip would otherwise become a 256 x 4 million image
+EIGHT_BIT_MODES = {"1", "L", "P", "RGB", "RGBA", "LA", "PA", "La", "RGBa", "RGBX", "CMYK", "YCbCr"}
+SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+FLOAT_TOLERANCE = 1e-3  # float pixels this far outside [0, 1] are still taken as [0, 1] (rounding)
 
 
 def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _open(path: Path) -> Image.Image:
+def _lazy_open(path: Path) -> Image.Image:
+    """Opens the header only, with the size guards; the caller must close it."""
     try:
-        with Image.open(path) as img:
+        img = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise MHPCError(f"image {path} is too large to read safely ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise MHPCError(f"cannot read image {path}: {exc}") from None
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        img.close()
+        raise MHPCError(f"image {path} is {w}x{h} = {w * h:,} pixels, over the limit of {MAX_PIXELS:,}; "
+                        "downscale or split it first")
+    if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT:
+        img.close()
+        raise MHPCError(f"image {path} is {w}x{h}, an aspect ratio over {MAX_ASPECT:g}:1; crop it into parts first")
+    return img
+
+
+def _open(path: Path) -> Image.Image:
+    img = _lazy_open(path)
+    try:
+        with img:
             img.load()
             return img.copy()
+    except Image.DecompressionBombError as exc:
+        raise MHPCError(f"image {path} is too large to read safely ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise MHPCError(f"cannot read image {path}: {exc}") from None
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Any mode (grayscale, palette, RGBA, 16-bit) becomes 8-bit RGB; alpha is dropped."""
+def png_sbit(path: Path) -> int | None:
+    """The largest significant-bit count of a PNG's sBIT chunk, or None.
+
+    Pillow does not expose sBIT on reading, so the chunk list before the image data is walked here.
+    """
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            while True:
+                head = fh.read(8)
+                if len(head) < 8:
+                    return None
+                length, kind = struct.unpack(">I4s", head)
+                if kind in (b"IDAT", b"IEND"):
+                    return None
+                data = fh.read(length)
+                fh.seek(4, 1)  # CRC
+                if kind == b"sBIT" and data:
+                    return max(data)
+    except OSError:
+        return None
+
+
+def bits_for(max_value: float) -> int:
+    """The bit depth whose range holds ``max_value`` (at least 8)."""
+    return max(8, min(16, int(np.ceil(np.log2(float(max_value) + 1)))))
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    size: tuple[int, int]  # (width, height)
+    mode: str
+    max_value: float  # the largest pixel value, for 16-bit data (0 otherwise)
+
+
+def inspect_image(path: Path) -> ImageInfo:
+    """Reads and decodes one image (so a truncated file fails here) and checks its mode."""
     img = _open(path)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = img.point(lambda v: v / 256).convert("L")
+    _check_mode(img, path)
+    peak = 0.0
+    if img.mode in SIXTEEN_BIT_MODES or img.mode == "F":
+        peak = float(np.asarray(img).max()) if img.mode != "F" else 0.0
+        if img.mode == "F":
+            _float_to_8bit(np.asarray(img, dtype=np.float32), path)
+    return ImageInfo(img.size, img.mode, peak)
+
+
+def _check_mode(img: Image.Image, path: Path) -> None:
+    if img.mode not in EIGHT_BIT_MODES | SIXTEEN_BIT_MODES | {"F"}:
+        raise MHPCError(f"image {path} has mode {img.mode}, which mhpc cannot read; save it as 8-bit or 16-bit "
+                        "RGB/grayscale, or 32-bit float in [0, 1]")
+
+
+def _float_to_8bit(arr: np.ndarray, path: Path) -> np.ndarray:
+    lo, hi = (float(np.nanmin(arr)), float(np.nanmax(arr))) if arr.size else (0.0, 0.0)
+    if not np.isfinite(arr).all() or lo < -FLOAT_TOLERANCE or hi > 1 + FLOAT_TOLERANCE:
+        raise MHPCError(f"image {path} is mode F (32-bit float) with values {lo:.4g}..{hi:.4g}; mhpc reads float "
+                        "images with values in [0, 1] (NaN and Inf are refused)")
+    return (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+
+
+def load_rgb(path: Path, bit_depth: int | None = None) -> Image.Image:
+    """Any supported mode becomes 8-bit RGB; alpha is dropped. 16-bit data scales by the PNG sBIT
+    depth, else ``bit_depth``, else the depth of this image's own maximum."""
+    img = _open(path)
+    _check_mode(img, path)
+    if img.mode == "F":
+        img = Image.fromarray(_float_to_8bit(np.asarray(img, dtype=np.float32), path), mode="L")
+    elif img.mode in SIXTEEN_BIT_MODES:
+        arr = np.asarray(img).astype(np.float64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise MHPCError(f"image {path} is mode {img.mode} with values {arr.min():.0f}..{arr.max():.0f}, "
+                            "outside 16 bits")
+        bits = png_sbit(path) or bit_depth or bits_for(arr.max() if arr.size else 0)
+        top = float(2**bits - 1)
+        img = Image.fromarray((np.clip(arr, 0, top) * (255.0 / top)).round().astype(np.uint8), mode="L")
     return img.convert("RGB")
 
 
 def load_mask(path: Path) -> Image.Image:
-    """Any non-zero pixel is defect."""
-    return _open(path).convert("L")
+    """A binary 0/255 mask: defect where the mask exceeds half its maximum."""
+    return binary_mask(_open(path))
+
+
+def is_sixteen_bit(path: Path) -> bool:
+    """From the header only (with the size guards)."""
+    with _lazy_open(path) as img:
+        return img.mode in SIXTEEN_BIT_MODES

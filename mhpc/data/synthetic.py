@@ -152,11 +152,11 @@ class TextureCropDataset(torch.utils.data.Dataset):
     """Good crops generated on the fly (for benchmarks): image i is seeded by i, no files."""
 
     def __init__(self, n: int, size: int = 224, texture: str = "brick", seed: int = 0) -> None:
-        from mhpc.data.transforms import image_transform
+        from mhpc.data.transforms import image_transform, make_preprocessing
 
         self.n, self.seed = n, seed
         self.texture = load_texture(texture)
-        self.transform = image_transform(resize=256 * size // 224, crop=size)
+        self.transform = image_transform(make_preprocessing(size, "center"))
 
     def __len__(self) -> int:
         return self.n

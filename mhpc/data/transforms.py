@@ -1,38 +1,131 @@
-"""PatchCore's preprocessing: resize to 256, centre-crop to 224, ImageNet normalisation."""
+"""Preprocessing: the whole image resized into the input size, or PatchCore's resize + centre crop.
+
+A model records the preprocessing it was fitted with as a small JSON-able dict (``preprocessing_``);
+``build_transforms`` turns that dict back into the image and mask transforms, so fit, predict and
+export all preprocess from the same code:
+
+  ``{"crop": "none", "input_size": [H, W], "resize": None, "bit_depth": None}``
+    the whole image, scaled to fit H x W with its aspect ratio kept, padded with the mean colour
+    (every pixel is inspected: a defect at the border is seen);
+  ``{"crop": "center", "input_size": [H, W], "resize": R, ...}``
+    the MVTec protocol: short side resized to R (256 for 224), centre crop H x W (drops the border).
+
+``bit_depth`` is the real depth of 16-bit training data (from the PNG sBIT chunk or the data's
+maximum), so 12-bit data in a 16-bit file keeps its 4096 grey levels.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as F
+
+from mhpc.errors import MHPCError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_MODES = ("none", "center")
 
 
-def image_transform(resize: int = 256, crop: int = 224) -> T.Compose:
-    return T.Compose([
-        T.ToImage(),
-        T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
-        T.CenterCrop(crop),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+def make_preprocessing(input_size: int | Sequence[int] = (224, 224), crop: str = "none",
+                       bit_depth: int | None = None) -> dict[str, Any]:
+    """The preprocessing dict; ``crop="center"`` resizes the short side to 256/224 of the input first."""
+    size = [int(input_size), int(input_size)] if isinstance(input_size, (int, np.integer)) else list(input_size)
+    pre = {"crop": crop, "input_size": size, "resize": None, "bit_depth": bit_depth}
+    if crop == "center" and len(size) == 2:
+        pre["resize"] = round(min(int(s) for s in size) * 256 / 224)
+    return check_preprocessing(pre)
 
 
-def mask_transform(resize: int = 256, crop: int = 224) -> T.Compose:
-    """Same geometry as the image, nearest-neighbour so the mask stays binary."""
-    return T.Compose([
-        T.ToImage(),
-        T.Resize(resize, interpolation=T.InterpolationMode.NEAREST),
-        T.CenterCrop(crop),
-    ])
+def check_preprocessing(pre: Any, source: str = "preprocessing") -> dict[str, Any]:
+    """Validates a preprocessing dict (from a caller or a model file); returns it with plain ints."""
+    if not isinstance(pre, dict):
+        raise MHPCError(f"{source} must be a mapping, got {type(pre).__name__}")
+    if pre.get("crop") not in CROP_MODES:
+        raise MHPCError(f"{source}: crop must be one of {list(CROP_MODES)}, got {pre.get('crop')!r}")
+    size = pre.get("input_size")
+    if (not isinstance(size, (list, tuple)) or len(size) != 2
+            or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and 8 <= s <= 8192 for s in size)):
+        raise MHPCError(f"{source}: input_size must be [height, width], integers in 8..8192, got {size!r}")
+    resize = pre.get("resize")
+    if pre["crop"] == "center" and not (isinstance(resize, int) and resize >= min(size)):
+        raise MHPCError(f"{source}: centre crop needs an integer resize >= the input size, got {resize!r}")
+    depth = pre.get("bit_depth")
+    if depth is not None and not (isinstance(depth, int) and not isinstance(depth, bool) and 1 <= depth <= 16):
+        raise MHPCError(f"{source}: bit_depth must be an integer in 1..16 or null, got {depth!r}")
+    return {"crop": pre["crop"], "input_size": [int(s) for s in size], "resize": resize if pre["crop"] == "center" else None,
+            "bit_depth": depth}
 
 
-def mask_to_tensor(mask: Image.Image, resize: int, crop: int) -> torch.Tensor:
-    out = mask_transform(resize, crop)(mask)
-    return (out > 0).to(torch.float32)
+def letterbox_geometry(height: int, width: int, out_h: int, out_w: int) -> tuple[int, int, int, int]:
+    """(new_h, new_w, top, left): the image scaled to fit ``out_h x out_w`` with its aspect kept, centred."""
+    scale = min(out_h / height, out_w / width)
+    new_h, new_w = max(1, min(out_h, round(height * scale))), max(1, min(out_w, round(width * scale)))
+    return new_h, new_w, (out_h - new_h) // 2, (out_w - new_w) // 2
+
+
+class Letterbox(torch.nn.Module):
+    """Resizes the whole image into ``size`` keeping its aspect ratio; the rest is ``fill``.
+
+    torchvision has no letterbox transform; this is its resize followed by its pad.
+    """
+
+    def __init__(self, size: Sequence[int], interpolation: T.InterpolationMode, fill: float = 0.0) -> None:
+        super().__init__()
+        self.size, self.interpolation, self.fill = (int(size[0]), int(size[1])), interpolation, fill
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        new_h, new_w, top, left = letterbox_geometry(h, w, *self.size)
+        antialias = self.interpolation is not T.InterpolationMode.NEAREST
+        out = F.resize(image, [new_h, new_w], interpolation=self.interpolation, antialias=antialias)
+        pad = [left, top, self.size[1] - new_w - left, self.size[0] - new_h - top]
+        return F.pad(out, pad, fill=self.fill) if any(pad) else out
+
+
+def build_transforms(pre: dict[str, Any]) -> tuple[T.Compose, T.Compose]:
+    """(image transform, mask transform) for a preprocessing dict. Images: PIL RGB -> normalised
+    float [3, H, W]; masks: binary PIL L -> {0, 1} float [1, H, W] with the same geometry."""
+    pre = check_preprocessing(pre)
+    size = pre["input_size"]
+    to_float = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
+    if pre["crop"] == "center":
+        image = [T.Resize(pre["resize"], interpolation=T.InterpolationMode.BILINEAR, antialias=True), T.CenterCrop(size)]
+        mask = [T.Resize(pre["resize"], interpolation=T.InterpolationMode.NEAREST), T.CenterCrop(size)]
+        image_tf = T.Compose([T.ToImage(), *image, T.ToDtype(torch.float32, scale=True),
+                              T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    else:
+        # Normalise first, then pad with 0 = the ImageNet mean colour.
+        image_tf = T.Compose([*to_float, T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+                              Letterbox(size, T.InterpolationMode.BILINEAR)])
+        mask = [Letterbox(size, T.InterpolationMode.NEAREST)]
+    mask_tf = T.Compose([T.ToImage(), *mask, T.ToDtype(torch.float32, scale=True)])
+    return image_tf, mask_tf
+
+
+def image_transform(pre: dict[str, Any] | None = None) -> T.Compose:
+    """The image transform of ``pre`` (default: the MVTec protocol at 224)."""
+    return build_transforms(pre or make_preprocessing(224, "center"))[0]
+
+
+def dataset_preprocessing(loader: Iterable, input_shape: Sequence[int]) -> dict[str, Any] | None:
+    """The preprocessing of a DataLoader's dataset (None for plain tensors); it must match ``input_shape``."""
+    dataset = getattr(loader, "dataset", None)
+    pre = getattr(dataset, "preprocessing", None)
+    if pre is None:
+        return None
+    if hasattr(dataset, "validate"):
+        dataset.validate()  # settles the 16-bit depth before it is recorded
+        pre = dataset.preprocessing
+    if list(pre["input_size"]) != [int(s) for s in input_shape]:
+        raise MHPCError(f"the dataset's input_size {pre['input_size']} does not match the model's input_shape "
+                        f"{list(input_shape)}")
+    return dict(pre)
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
@@ -41,3 +134,12 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
     std = torch.tensor(IMAGENET_STD)[:, None, None]
     rgb = (image.cpu() * std + mean).clamp(0, 1)
     return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def binary_mask(mask: Image.Image) -> Image.Image:
+    """Defect where the mask exceeds half its maximum (JPEG ringing stays background); 0/255 L image."""
+    arr = np.asarray(mask if mask.mode in ("I", "I;16", "I;16B", "I;16L", "F", "L") else mask.convert("L"))
+    arr = arr.astype(np.float64)
+    peak = float(arr.max()) if arr.size else 0.0
+    out = (arr > peak / 2) if peak > 0 else np.zeros(arr.shape, bool)
+    return Image.fromarray(out.astype(np.uint8) * 255, mode="L")

@@ -41,7 +41,10 @@ class OnlineCovariance:
         batch = torch.as_tensor(batch)
         if batch.ndim < 2:
             raise MHPCError(f"OnlineCovariance.update expects [batch, features...], got shape {tuple(batch.shape)}")
-        batch = batch.reshape(batch.shape[0], -1)
+        width = 1
+        for d in batch.shape[1:]:
+            width *= int(d)
+        batch = batch.reshape(batch.shape[0], width)  # explicit width: -1 cannot be inferred for 0 rows
         if batch.shape[1] != self.num_features:
             raise MHPCError(f"OnlineCovariance expects {self.num_features} features, got {batch.shape[1]}")
         batch = batch.to(self.dtype)

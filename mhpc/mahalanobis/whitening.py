@@ -7,6 +7,21 @@ import torch
 from mhpc.errors import MHPCError, NotFittedError
 from mhpc.mahalanobis.cholesky import CovarianceCholesky
 from mhpc.mahalanobis.covariance import OnlineCovariance, shrink_covariance
+from mhpc.validation import warn
+
+
+CONDITION_WARN = 1e10
+
+
+def warn_if_ill_conditioned(cov: torch.Tensor) -> float:
+    """Warns when the (shrunk) covariance's condition number exceeds ``CONDITION_WARN``: its whitening
+    then amplifies rounding noise in the weakest directions. Returns the condition number."""
+    eig = torch.linalg.eigvalsh(cov.double())
+    cond = float(eig[-1] / eig[0]) if float(eig[0]) > 0 else float("inf")
+    if cond > CONDITION_WARN:
+        warn(f"the covariance has condition number {cond:.3g} (> {CONDITION_WARN:.0e}); raise covariance_shrinkage "
+             "(e.g. 0.01), use PCA, or train on more images")
+    return cond
 
 
 class Whitener:
@@ -29,6 +44,7 @@ class Whitener:
         if not hasattr(self, "_stats") or self._stats.count < 2:
             raise MHPCError("the Mahalanobis distance needs at least 2 training patches")
         cov = shrink_covariance(self._stats.covariance(unbiased=True), self.shrinkage)
+        warn_if_ill_conditioned(cov)
         self.mean_ = self._stats.mean.clone()
         self.cholesky_ = CovarianceCholesky(jitter=self.jitter).compute(cov)
         del self._stats

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
+import sys
+
 import numpy as np
 import torch
 from sklearn.cluster import MiniBatchKMeans
@@ -9,20 +12,25 @@ from sklearn.cluster import MiniBatchKMeans
 from mhpc.errors import MHPCError
 from mhpc.memory_bank.base import MemoryBankStrategy
 from mhpc.row_buffer import RowBuffer
+from mhpc.validation import warn
 
 
 def resolve_cluster_count(clusters: int | float, num_patches: int) -> int:
-    """An int is a count; a float in (0, 1] is a fraction of the patches seen. Clipped to [1, N]."""
-    if isinstance(clusters, bool) or not isinstance(clusters, (int, float)):
+    """An int is a count; a float in (0, 1] is a fraction of the patches seen. Clipped to [1, N];
+    a count above half the patches is warned about (k-means then runs long and compresses nothing)."""
+    if isinstance(clusters, bool) or not isinstance(clusters, numbers.Real):
         raise MHPCError(f"kmeans_clusters must be an int count or a float fraction, got {clusters!r}")
-    if isinstance(clusters, float):
-        if not 0.0 < clusters <= 1.0:
+    if not isinstance(clusters, numbers.Integral):
+        if not 0.0 < float(clusters) <= 1.0:
             raise MHPCError(f"kmeans_clusters as a fraction must be in (0, 1], got {clusters}")
-        count = int(round(clusters * num_patches))
+        count = int(round(float(clusters) * num_patches))
     else:
         if clusters < 1:
             raise MHPCError(f"kmeans_clusters must be >= 1, got {clusters}")
-        count = clusters
+        count = int(clusters)
+        if count > num_patches / 2:
+            warn(f"kmeans_clusters={count} is more than half of the {num_patches} training patches; "
+                 f"k-means will be slow and barely compress (using {min(count, num_patches)} clusters)")
     return max(1, min(count, num_patches))
 
 
@@ -58,9 +66,10 @@ class KMeansBank(MemoryBankStrategy):
 
     def partial_fit(self, features: torch.Tensor) -> "KMeansBank":
         if not hasattr(self, "_buffer"):
-            if isinstance(self.clusters, float) and self.expected_patches is None:
+            if not isinstance(self.clusters, numbers.Integral) and self.expected_patches is None:
                 raise MHPCError("a fractional kmeans_clusters needs the patch count; pass an int instead")
-            k = resolve_cluster_count(self.clusters, self.expected_patches or int(self.clusters))
+            # Without a patch count the int count is taken as it is (clipped to the patches in finalize).
+            k = resolve_cluster_count(self.clusters, self.expected_patches or sys.maxsize)
             self.kmeans_ = self._model(k)
             # The first partial_fit initialises k centroids from its rows, so it needs >= k rows.
             self._buffer = RowBuffer(max(k, self.batch_size))

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from mhpc.config import config_name, load_config_list, normalise_config
 from mhpc.errors import MHPCError
-from mhpc.evaluation import evaluate_in_subprocess
+from mhpc.evaluation import build_model, evaluate_in_subprocess
+from mhpc.outputs import atomic_write_csv, atomic_write_text, safe_name
 
 COLUMNS = ["config", "category", "image_auroc", "pixel_auroc", "pixel_aupro", "fit_seconds",
            "predict_ms_per_image", "peak_rss_mb", "memory_bank_size"]
@@ -56,29 +58,34 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
     from mhpc.report import write_summary_report
 
     cfgs = load_config_list(configs) if isinstance(configs, (str, Path)) else [normalise_config(c) for c in configs]
-    names = [config_name(c) for c in cfgs]
+    # A run's folder name is one safe path component: a config named ../../x stays inside out_dir.
+    names = [safe_name(config_name(c)) for c in cfgs]
     if len(set(names)) != len(names):
-        raise MHPCError(f"configuration names must be unique, got {names}")
+        raise MHPCError(f"configuration names must be unique (after making them safe folder names), got {names}")
     categories = categories or discover_categories(data_root)
+    for category in categories:
+        if safe_name(category) != category:
+            raise MHPCError(f"category {category!r} is not a plain folder name")
+    for cfg in cfgs:  # every parameter checked before the first run starts
+        build_model({**cfg, **(overrides or {})})._validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, links = [], {}
-    for cfg, name in zip(cfgs, names):
+    runs = [(cfg, name, category) for cfg, name in zip(cfgs, names) for category in categories]
+    # One overall bar (runs done of all, with ETA); the runs themselves draw none.
+    bar = tqdm(runs, desc="ablation runs", unit="run", disable=not progress)
+    for cfg, name, category in bar:
+        bar.set_postfix_str(f"{name} on {category}")
         cfg = {**cfg, **(overrides or {})}
-        for category in categories:
-            run_dir = out / name / category
-            if progress:
-                print(f"== {name} on {category}", flush=True)
-            metrics = evaluate_in_subprocess(cfg, data_root, category, run_dir, device, batch_size, progress)
-            rows.append({c: metrics[c] for c in COLUMNS} | {"config": name})
-            links[f"{name} / {category}"] = f"{name}/{category}/report.html"
+        metrics = evaluate_in_subprocess(cfg, data_root, category, out / name / category, device, batch_size,
+                                         progress=False)
+        rows.append({c: metrics[c] for c in COLUMNS} | {"config": name})
+        links[f"{name} / {category}"] = f"{name}/{category}/report.html"
+    bar.close()
     table_rows = with_means(rows)
     table = markdown_table(table_rows)
-    (out / "table.md").write_text(table + "\n")
-    with open(out / "table.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(table_rows)
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    atomic_write_text(out / "table.md", table + "\n")
+    atomic_write_csv(out / "table.csv", COLUMNS, [[r.get(c, "") for c in COLUMNS] for r in table_rows])
+    atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
     write_summary_report(out / "report.html", table_rows, COLUMNS, links)
     return table

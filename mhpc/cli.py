@@ -54,6 +54,24 @@ def _add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier mhpc run in a non-empty --out (refused otherwise)")
+
+
+def _add_key_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-file", help="file holding the HMAC key that signs (fit) or must have signed (predict) "
+                                      "the model; default: the MHPC_MODEL_KEY environment variable")
+
+
+def _add_geometry(p: argparse.ArgumentParser, crop: str) -> None:
+    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
+                   help="network input size (default 224 224 or the config's input_shape)")
+    p.add_argument("--crop", choices=["none", "center"], default=crop,
+                   help="none: the whole image, aspect kept by padding (every pixel inspected); center: the MVTec "
+                        f"protocol, resize to 256/224 of the input then centre crop (drops the border) (default {crop})")
+
+
 # ---------------------------------------------------------------- subcommands
 def _cmd_setup_weights(args: argparse.Namespace) -> None:
     from mhpc.weights import ensure_mobilenet_v2_weights
@@ -69,51 +87,62 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _preprocessing(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
+    """``--input-size`` and ``--crop`` as a preprocessing dict; the model's input_shape follows it."""
+    from mhpc.data.transforms import make_preprocessing
+    from mhpc.validation import check_params
+
+    if args.input_size is not None:
+        cfg["input_shape"] = tuple(args.input_size)
+    cfg.setdefault("input_shape", (224, 224))
+    check_params({"input_shape": cfg["input_shape"]})
+    return make_preprocessing(cfg["input_shape"], args.crop)
+
+
 def _cmd_fit(args: argparse.Namespace) -> None:
     import torch
 
+    from mhpc.core.model_file import MODEL_FILENAME
     from mhpc.data.datasets import FolderDataset, MVTecDataset, SampleDataset, make_loader
     from mhpc.evaluation import build_model
+    from mhpc.outputs import output_folder
+    from mhpc.validation import check_batch_size
 
-    # Checked before any work, so a typo never costs a whole fit.
+    # Everything is checked before any work, so a typo or a bad file never costs a whole fit.
     if not 0.0 <= args.holdout < 1.0:
         raise MHPCError(f"--holdout must be in [0, 1), got {args.holdout}")
     if not 0.0 < args.threshold_quantile <= 1.0:
         raise MHPCError(f"--threshold-quantile must be in (0, 1], got {args.threshold_quantile}")
+    batch_size = check_batch_size(args.batch_size)
+    cfg = _model_config(args)
+    pre = _preprocessing(args, cfg)
     if args.folder:
-        full = FolderDataset(args.folder)
+        full = FolderDataset(args.folder, preprocessing=pre)
     elif args.data and args.category:
-        full = MVTecDataset(args.data, args.category, "train")
+        full = MVTecDataset(args.data, args.category, "train", preprocessing=pre)
     else:
         raise MHPCError("give --data ROOT --category C (MVTec layout) or --folder DIR_OF_GOOD_IMAGES")
+    model = build_model(cfg)
+    model._validate()
+    full.validate()
     n = len(full)
     n_hold = max(1, round(args.holdout * n)) if args.holdout > 0 else 0
     if n - n_hold < 1:
         raise MHPCError(f"need more training images: {n} found, {n_hold} held out for the threshold")
     # Every k-th image is held out (deterministic, spread over the folder) to calibrate the threshold.
     hold_idx = set(torch.linspace(0, n - 1, n_hold).round().long().tolist()) if n_hold else set()
-    fit_ds = SampleDataset([s for i, s in enumerate(full.samples) if i not in hold_idx])
-    model = build_model(_model_config(args))
-    start = time.perf_counter()
-    model.fit(make_loader(fit_ds, args.batch_size))
-    if hold_idx:
-        hold_ds = SampleDataset([s for i, s in enumerate(full.samples) if i in hold_idx])
-        model.calibrate(make_loader(hold_ds, args.batch_size), quantile=args.threshold_quantile)
-    model.save(args.out)
+    fit_ds = SampleDataset([s for i, s in enumerate(full.samples) if i not in hold_idx], full.preprocessing)
+    with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,)) as out:
+        start = time.perf_counter()
+        model.fit(make_loader(fit_ds, batch_size))
+        if hold_idx:
+            hold_ds = SampleDataset([s for i, s in enumerate(full.samples) if i in hold_idx], full.preprocessing)
+            model.calibrate(make_loader(hold_ds, batch_size), quantile=args.threshold_quantile)
+        model.save(out)
     threshold = getattr(model, "threshold_", None)
     print(f"fitted on {len(fit_ds)} images in {time.perf_counter() - start:.1f} s; memory bank "
           f"{tuple(model.memory_bank_.shape)}; threshold {threshold if threshold is None else f'{threshold:.4g}'} "
-          f"(from {len(hold_idx)} held-out good images); saved {args.out}")
-
-
-def _unique_stems(paths: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for p in paths:
-        stem = Path(p).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        out.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
-    return out
+          f"(from {len(hold_idx)} held-out good images); saved {Path(args.out) / MODEL_FILENAME}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -122,52 +151,66 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     from mhpc.core.mh_patch_core import MHPatchCore
     from mhpc.data.datasets import ImageFilesDataset, make_loader
-    from mhpc.data.transforms import denormalize
+    from mhpc.data.transforms import denormalize, make_preprocessing
+    from mhpc.outputs import atomic_write_csv, output_folder, output_names, with_suffix_added
     from mhpc.report import overlay
+    from mhpc.validation import check_batch_size
 
+    batch_size = check_batch_size(args.batch_size)
     model = MHPatchCore.load(args.model, device=args.device)
     model.progress = not args.quiet
-    crop = model.input_shape[0]
-    ds = ImageFilesDataset(args.images, resize=round(crop * 256 / 224), crop=crop)
+    # Models saved before the preprocessing was recorded were fitted with the MVTec protocol.
+    pre = model.preprocessing_ or make_preprocessing(tuple(model.input_shape), "center")
+    ds = ImageFilesDataset(args.images, preprocessing=pre).validate()
     threshold = getattr(model, "threshold_", None)
-    out = Path(args.out)
-    (out / "maps").mkdir(parents=True, exist_ok=True)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
     paths = [str(s.image) for s in ds.samples]
-    stems = _unique_stems(paths)
+    names = output_names(paths)
     rows, k = [], 0
-    for batch in make_loader(ds, args.batch_size):
-        scores, maps = model.predict_images(batch["image"])
-        for img, score, amap in zip(batch["image"], scores, maps):
-            np.save(out / "maps" / f"{stems[k]}.npy", amap.astype(np.float32))
-            # Colour scale: 0 .. 2x threshold, so the threshold sits mid-scale on every image.
-            vmax = 2 * threshold if threshold else float(amap.max())
-            Image.fromarray(overlay(denormalize(img), amap, 0.0, vmax)).save(out / "overlays" / f"{stems[k]}.png")
-            anomalous = "" if threshold is None else int(score >= threshold)
-            rows.append([paths[k], repr(float(score)), anomalous])
-            k += 1
-    with open(out / "scores.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image_path", "score", "is_anomalous"])
-        writer.writerows(rows)
+    with output_folder(args.out, args.overwrite) as out:
+        for batch in make_loader(ds, batch_size):
+            scores, maps = model.predict_images(batch["image"])
+            for img, score, amap in zip(batch["image"], scores, maps):
+                map_rel = Path("maps") / with_suffix_added(names[k], ".npy")
+                overlay_rel = Path("overlays") / with_suffix_added(names[k], ".png")
+                for rel in (map_rel, overlay_rel):
+                    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                np.save(out / map_rel, amap.astype(np.float32))
+                # Colour scale: 0 .. 2x threshold, so the threshold sits mid-scale on every image.
+                vmax = 2 * threshold if threshold else float(amap.max())
+                Image.fromarray(overlay(denormalize(img), amap, 0.0, vmax)).save(out / overlay_rel)
+                anomalous = "" if threshold is None else int(score >= threshold)
+                rows.append([paths[k], repr(float(score)), anomalous, str(map_rel), str(overlay_rel)])
+                k += 1
+        atomic_write_csv(out / "scores.csv", ["image_path", "score", "is_anomalous", "map_path", "overlay_path"], rows)
     flagged = sum(1 for r in rows if r[2] == 1)
     note = "" if threshold is not None else " (model has no threshold: is_anomalous left empty)"
-    print(f"scored {len(rows)} images, {flagged} anomalous; wrote {out}{note}")
+    print(f"scored {len(rows)} images, {flagged} anomalous; wrote {args.out}{note}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from mhpc.evaluation import METRIC_KEYS, evaluate_category
+    from mhpc.outputs import output_folder
+    from mhpc.validation import check_batch_size
 
-    m = evaluate_category(_model_config(args), args.data, args.category, args.out, args.device, args.batch_size,
-                          progress=not args.quiet, report=not args.no_report)
+    batch_size = check_batch_size(args.batch_size)
+    cfg = _model_config(args)
+    _preprocessing(args, cfg)
+    with output_folder(args.out, args.overwrite) as out:
+        m = evaluate_category(cfg, args.data, args.category, out, args.device, batch_size,
+                              progress=not args.quiet, report=not args.no_report, crop=args.crop)
     print(json.dumps({k: m[k] for k in METRIC_KEYS}, indent=2))
 
 
 def _cmd_ablation(args: argparse.Namespace) -> None:
     from mhpc.ablation import run_ablation
 
-    table = run_ablation(args.data, args.categories, args.configs, args.out, args.device, args.batch_size,
-                         progress=not args.quiet, overrides=_overrides(args))
+    from mhpc.outputs import output_folder
+    from mhpc.validation import check_batch_size
+
+    batch_size = check_batch_size(args.batch_size)
+    with output_folder(args.out, args.overwrite) as out:
+        table = run_ablation(args.data, args.categories, args.configs, out, args.device, batch_size,
+                             progress=not args.quiet, overrides=_overrides(args))
     print(table)
 
 
@@ -187,9 +230,13 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         print(f"generating the synthetic texture benchmark in {data} ...", flush=True)
         generate_benchmark(data, tuple(args.categories), args.n_train, args.n_test_good, args.n_test_per_defect)
     ensure_mobilenet_v2_weights(quiet=True)
+    from mhpc.outputs import output_folder
+
     configs = [dict(name="baseline", backbone="mobilenet_v2", **BASELINE),
                dict(name="proposed", backbone="mobilenet_v2", **PROPOSED)]
-    table = run_ablation(data, list(args.categories), configs, args.out, progress=not args.quiet)
+    # The demo replaces its own earlier output (only a folder mhpc wrote; anything else is refused).
+    with output_folder(args.out, overwrite=True) as out:
+        table = run_ablation(data, list(args.categories), configs, out, progress=not args.quiet)
     print(table)
     print(f"report: {Path(args.out) / 'report.html'}; demo wall time {time.perf_counter() - start:.0f} s")
 
@@ -217,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of good images held out for the threshold (0.1)")
     p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
     _add_model_options(p)
+    _add_geometry(p, "none")
+    _add_overwrite(p)
+    _add_key_file(p)
     _add_quiet(p)
     p.set_defaults(func=_cmd_fit)
 
@@ -226,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
+    _add_overwrite(p)
+    _add_key_file(p)
     _add_quiet(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -235,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     _add_model_options(p)
+    _add_geometry(p, "center")
+    _add_overwrite(p)
     _add_quiet(p)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -246,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--random-init", action="store_true", help="random backbone weights (for tests only)")
+    _add_overwrite(p)
     _add_quiet(p)
     p.set_defaults(func=_cmd_ablation)
 
@@ -267,17 +322,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str):
+    """MHPCWarnings print as one line (``mhpc fit: warning: ...``); other warnings as Python prints them."""
+    import warnings
+
+    from mhpc.errors import MHPCWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, MHPCWarning):
+            print(f"mhpc {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
+def _interrupt(signum, frame):  # SIGTERM is handled like Ctrl-C: clean up, exit 130
+    raise KeyboardInterrupt
+
+
+def _read_key_file(path: str) -> str:
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise MHPCError(f"cannot read --key-file {path}: {exc.strerror or exc}") from None
+    if not key:
+        raise MHPCError(f"--key-file {path} is empty")
+    return os.fsdecode(key)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import warnings
+
+    from mhpc.core.model_file import KEY_ENV
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    saved_key, saved_show = os.environ.get(KEY_ENV), warnings.showwarning
+    saved_term = signal.signal(signal.SIGTERM, _interrupt)
+    warnings.showwarning = _one_line_warnings(args.command)
     try:
+        if getattr(args, "key_file", None):
+            os.environ[KEY_ENV] = _read_key_file(args.key_file)
         args.func(args)
     except MHPCError as exc:
+        print(f"mhpc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk or a permission change in the middle of a run
         print(f"mhpc {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, saved_term)
+        warnings.showwarning = saved_show
+        if saved_key is None:
+            os.environ.pop(KEY_ENV, None)
+        else:
+            os.environ[KEY_ENV] = saved_key
     return 0
 
 

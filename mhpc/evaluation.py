@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import resource
 import subprocess
@@ -16,6 +15,8 @@ import numpy as np
 from mhpc.config import config_name
 from mhpc.core.mh_patch_core import MHPatchCore
 from mhpc.data.datasets import MVTecDataset, make_loader
+from mhpc.data.transforms import make_preprocessing
+from mhpc.outputs import atomic_write_csv, atomic_write_text, output_names, with_suffix_added
 from mhpc.errors import MHPCError
 from mhpc.metrics import aupro, f1_max, image_auroc, pixel_auroc
 
@@ -37,14 +38,25 @@ def build_model(cfg: dict[str, Any], device: str = "cpu", progress: bool = True,
 
 
 def evaluate_category(cfg: dict[str, Any], data_root: str | Path, category: str, out_dir: str | Path,
-                      device: str = "cpu", batch_size: int = 8, progress: bool = True, report: bool = True) -> dict:
-    """Writes metrics.json, scores.csv, maps/*.npy, gt/*.npy (and report.html) into ``out_dir``."""
+                      device: str = "cpu", batch_size: int = 8, progress: bool = True, report: bool = True,
+                      crop: str = "center") -> dict:
+    """Writes metrics.json, scores.csv, maps/<defect>/<file>.npy, gt/... (and report.html) into ``out_dir``.
+
+    The model's parameters and every train and test image and mask are checked before the fit.
+    ``crop="center"`` is the MVTec protocol (resize 256, centre crop 224); ``"none"`` the whole image.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train = make_loader(MVTecDataset(data_root, category, "train"), batch_size)
-    test_ds = MVTecDataset(data_root, category, "test")
-    test = make_loader(test_ds, batch_size)
     model = build_model(cfg, device, progress)
+    model._validate()
+    pre = make_preprocessing(tuple(model.input_shape), crop)
+    train_ds = MVTecDataset(data_root, category, "train", preprocessing=pre)
+    test_ds = MVTecDataset(data_root, category, "test", preprocessing=pre)
+    train_ds.validate()
+    test_ds.preprocessing["bit_depth"] = train_ds.preprocessing["bit_depth"]  # the depth the model learnt
+    test_ds.validate()
+    train = make_loader(train_ds, batch_size)
+    test = make_loader(test_ds, batch_size)
 
     start = time.perf_counter()
     model.fit(train)
@@ -71,19 +83,16 @@ def evaluate_category(cfg: dict[str, Any], data_root: str | Path, category: str,
         "n_test": len(test_ds),
         "model_config": model.get_config(),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    rel_names = []
-    with open(out / "scores.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image_path", "label", "score"])
-        for sample, label, score in zip(test_ds.samples, labels, scores):
-            writer.writerow([str(sample.image), int(label), repr(float(score))])
-            rel = Path(sample.defect_type) / f"{sample.image.stem}.npy"
-            rel_names.append(rel)
+    # Map names mirror the test image's path (good/000.png -> maps/good/000.png.npy): never two on one file.
+    rel_names = [with_suffix_added(n, ".npy") for n in output_names([s.image for s in test_ds.samples])]
     for rel, amap, gt in zip(rel_names, maps, masks):
         for folder, array in (("maps", amap), ("gt", gt)):
             (out / folder / rel).parent.mkdir(parents=True, exist_ok=True)
             np.save(out / folder / rel, array.astype(np.float32))
+    atomic_write_csv(out / "scores.csv", ["image_path", "label", "score", "map_path", "gt_path"],
+                     [[str(s.image), int(label), repr(float(score)), str(Path("maps") / rel), str(Path("gt") / rel)]
+                      for s, label, score, rel in zip(test_ds.samples, labels, scores, rel_names)])
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     if report:
         from mhpc.report import write_run_report
 
@@ -94,12 +103,13 @@ def evaluate_category(cfg: dict[str, Any], data_root: str | Path, category: str,
 
 
 def evaluate_in_subprocess(cfg: dict[str, Any], data_root, category: str, out_dir, device: str = "cpu",
-                           batch_size: int = 8, progress: bool = True, report: bool = True) -> dict:
+                           batch_size: int = 8, progress: bool = True, report: bool = True,
+                           crop: str = "center") -> dict:
     """One run in a fresh Python process, so that its peak RSS is its own and not the max of all runs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = dict(cfg=cfg, data_root=str(data_root), category=category, out_dir=str(out), device=device,
-                batch_size=batch_size, progress=progress, report=report)
+                batch_size=batch_size, progress=progress, report=report, crop=crop)
     (out / "run.json").write_text(json.dumps(spec, indent=2))
     proc = subprocess.run([sys.executable, "-m", "mhpc.evaluation", str(out / "run.json")], stderr=subprocess.PIPE,
                           text=True)

@@ -35,11 +35,12 @@ def test_fit_then_predict(data, tmp_path):
     images = [str(test_dir / "good"), str(test_dir / "hole" / "000.png")]
     assert main(["predict", "--model", str(model), "--images", *images, "--out", str(out), "--quiet"]) == 0
     rows = list(csv.DictReader(open(out / "scores.csv")))
-    assert [list(r) for r in rows[:1]] == [["image_path", "score", "is_anomalous"]]
+    assert [list(r) for r in rows[:1]] == [["image_path", "score", "is_anomalous", "map_path", "overlay_path"]]
     assert len(rows) == 3 and all(r["is_anomalous"] in ("0", "1") for r in rows)
-    maps = sorted(p.name for p in (out / "maps").iterdir())
-    assert len(maps) == 3 and len(list((out / "overlays").glob("*.png"))) == 3  # same stems made unique
-    amap = np.load(out / "maps" / maps[0])
+    # Map and overlay names mirror the inputs' paths (good/000.png and hole/000.png stay apart).
+    assert [r["map_path"] for r in rows] == ["maps/good/000.png.npy", "maps/good/001.png.npy", "maps/hole/000.png.npy"]
+    assert all((out / r["overlay_path"]).is_file() for r in rows)
+    amap = np.load(out / rows[0]["map_path"])
     assert amap.dtype == np.float32 and amap.shape == (224, 224)
 
 
@@ -72,16 +73,14 @@ def test_evaluate_writes_everything(data, tmp_path):
                 "peak_rss_mb", "memory_bank_size"]:
         assert isinstance(metrics[key], (int, float))
     rows = list(csv.DictReader(open(out / "scores.csv")))
-    assert list(rows[0]) == ["image_path", "label", "score"] and len(rows) == 8
+    assert list(rows[0]) == ["image_path", "label", "score", "map_path", "gt_path"] and len(rows) == 8
     # The saved maps and masks recompute the same metrics.
     from mhpc.metrics import aupro, image_auroc
 
     maps, gts = [], []
     for r in rows:
-        parts = r["image_path"].split("/")
-        rel = f"{parts[-2]}/{parts[-1][:-4]}.npy"
-        maps.append(np.load(out / "maps" / rel))
-        gts.append(np.load(out / "gt" / rel))
+        maps.append(np.load(out / r["map_path"]))
+        gts.append(np.load(out / r["gt_path"]))
         assert maps[-1].shape == gts[-1].shape == (224, 224)
     assert image_auroc([int(r["label"]) for r in rows], [float(r["score"]) for r in rows]) == pytest.approx(metrics["image_auroc"])
     assert aupro(np.stack(gts), np.stack(maps)) == pytest.approx(metrics["pixel_aupro"])

@@ -2,16 +2,24 @@
 
 Metadata keys: ``format`` ("mhpc-model"), ``format_version``, ``mhpc_version``, ``config`` (JSON of
 the constructor arguments), ``state`` (JSON of small fitted values: grid, threshold, backbone
-fingerprint), and ``sha256`` over all of the above and every tensor's bytes, so that a tampered
-file is refused. The file is written to a temporary name, fsynced and renamed (atomic on POSIX).
+fingerprint, preprocessing), and ``sha256`` over all of the above and every tensor's bytes.
+
+The plain SHA-256 catches accidental damage (truncation, bit rot, a hand edit that forgot to re-hash);
+anyone can recompute it, so it proves nothing about who wrote the file. With a key (``MHPC_MODEL_KEY``
+or the CLI's ``--key-file``) an ``hmac_sha256`` over the same bytes is added on save and required on load.
+After the checksum the schema is checked (``mhpc.core.model_schema``). The file is written to a
+temporary name, fsynced and renamed (atomic on POSIX), with the umask's permissions; temporary files
+left by a killed earlier save are removed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +29,8 @@ from safetensors.torch import save_file
 
 import mhpc
 from mhpc.core.backbones import state_fingerprint
-from mhpc.errors import ModelFileError, NotFittedError
+from mhpc.core.model_schema import check_config, check_state, check_tensors
+from mhpc.errors import MHPCError, ModelFileError, NotFittedError
 
 if TYPE_CHECKING:
     from mhpc.core.mh_patch_core import MHPatchCore
@@ -31,16 +40,47 @@ FORMAT_VERSION = 1
 MODEL_FILENAME = "model.safetensors"
 
 
+KEY_ENV = "MHPC_MODEL_KEY"
+_PROCESS_START = time.time()
+
+
 def resolve_model_path(path: str | os.PathLike) -> Path:
-    """A directory means ``DIR/model.safetensors``; anything else is the file itself."""
+    """For loading: an existing file is the model; otherwise a folder holding ``model.safetensors``
+    (a path ending in ``.safetensors`` is always the file)."""
     path = Path(path)
-    if path.is_dir() or path.suffix == "":
-        return path / MODEL_FILENAME
-    return path
+    if path.is_file() or path.suffix == ".safetensors":
+        return path
+    return path / MODEL_FILENAME
 
 
-def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
-    h = hashlib.sha256()
+def resolve_save_path(path: str | os.PathLike) -> Path:
+    """For saving: ``X.safetensors`` is the file; anything else is a folder (``models/run.v2`` too)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return path
+    if path.exists() and not path.is_dir():
+        raise ModelFileError(f"{path} is a file; save a model to a folder or to a .safetensors file")
+    return path / MODEL_FILENAME
+
+
+def model_key() -> bytes | None:
+    """The HMAC key from ``MHPC_MODEL_KEY`` (None when unset or empty)."""
+    key = os.environ.get(KEY_ENV, "")
+    return os.fsencode(key) if key else None
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """``.tmp-*.safetensors`` files last written before this process started are left by a killed save."""
+    for tmp in folder.glob(".tmp-*.safetensors"):
+        try:
+            if tmp.stat().st_mtime < _PROCESS_START:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
+def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str], key: bytes | None = None) -> str:
+    h = hmac.new(key, digestmod=hashlib.sha256) if key else hashlib.sha256()
     for key in sorted(meta):
         h.update(key.encode() + b"\0" + meta[key].encode() + b"\0")
     for key in sorted(tensors):
@@ -53,8 +93,12 @@ def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
 def save_model(model: "MHPatchCore", path: str | os.PathLike) -> Path:
     if not getattr(model, "is_fitted_", False):
         raise NotFittedError("cannot save an unfitted MHPatchCore")
-    target = resolve_model_path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = resolve_save_path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelFileError(f"cannot create the model folder {target.parent}: {exc.strerror or exc}") from None
+    _remove_stale_temp_files(target.parent)
     tensors = {"memory_bank": model.memory_bank_.detach().cpu().float().contiguous()}
     if hasattr(model.reduction_, "components_"):
         tensors["pca_mean"] = model.reduction_.mean_.cpu().contiguous()
@@ -68,6 +112,7 @@ def save_model(model: "MHPatchCore", path: str | os.PathLike) -> Path:
         "backbone_sha256": state_fingerprint(model.feature_extractor_),
         "threshold": getattr(model, "threshold_", None),
         "threshold_stats": getattr(model, "threshold_stats_", None),
+        "preprocessing": getattr(model, "preprocessing_", None),
     }
     meta = {
         "format": FORMAT,
@@ -76,16 +121,27 @@ def save_model(model: "MHPatchCore", path: str | os.PathLike) -> Path:
         "config": json.dumps(model.get_config(), sort_keys=True),
         "state": json.dumps(state, sort_keys=True),
     }
-    meta["sha256"] = _digest(tensors, meta)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=target.parent)
+    key = model_key()
+    signed = {**meta, "sha256": _digest(tensors, meta)}
+    if key:
+        signed["hmac_sha256"] = _digest(tensors, meta, key)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=target.parent)
+    except OSError as exc:
+        raise ModelFileError(f"cannot write the model to {target.parent}: {exc.strerror or exc}") from None
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        from mhpc.outputs import current_umask
+
+        save_file(tensors, tmp, metadata=signed)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a model file follows the umask
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, Exception) and not isinstance(exc, MHPCError):
+            raise ModelFileError(f"cannot write the model to {target}: {exc}") from None
         raise
     return target
 
@@ -111,13 +167,22 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
             f"{FORMAT_VERSION}. Refit the model or use the matching mhpc release."
         )
     claimed = meta.pop("sha256", None)
+    claimed_hmac = meta.pop("hmac_sha256", None)
     if claimed != _digest(tensors, meta):
         raise ModelFileError(f"{file} failed its integrity check: its contents were modified after saving")
+    key = model_key()
+    if key and not (isinstance(claimed_hmac, str)
+                    and hmac.compare_digest(claimed_hmac, _digest(tensors, meta, key))):
+        raise ModelFileError(f"{file} is not signed with the configured model key ({KEY_ENV} / --key-file): "
+                             f"{'it has no signature' if claimed_hmac is None else 'its signature does not match'}")
     try:
         config = json.loads(meta["config"])
         state = json.loads(meta["state"])
     except (KeyError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{file} has unreadable metadata: {exc}") from None
+        raise ModelFileError(f"`{file}` is not a valid mhpc model: unreadable metadata ({exc})") from None
+    check_config(file, config)
+    check_state(file, state, config)
+    check_tensors(file, tensors, config)
     if device is not None:
         config["device"] = str(device)
     config["input_shape"] = tuple(config["input_shape"])
@@ -137,6 +202,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     model.memory_bank_ = tensors["memory_bank"]
     model.grid_shape_ = tuple(state["grid_shape"])
     model.n_train_images_ = state["n_train_images"]
+    model.preprocessing_ = state.get("preprocessing")
     if state.get("threshold") is not None:
         model.threshold_ = state["threshold"]
         model.threshold_stats_ = state["threshold_stats"]

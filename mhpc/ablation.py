@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,8 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
         cfg = {**cfg, **(overrides or {})}
         metrics = evaluate_in_subprocess(cfg, data_root, category, out / name / category, device, batch_size,
                                          progress=False)
+        for message in metrics.get("warnings", []):
+            tqdm.write(f"warning ({name} on {category}): {message}", file=sys.stderr)
         rows.append({c: metrics[c] for c in COLUMNS} | {"config": name})
         links[f"{name} / {category}"] = f"{name}/{category}/report.html"
     bar.close()

@@ -99,6 +99,38 @@ def _preprocessing(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, A
     return make_preprocessing(cfg["input_shape"], args.crop)
 
 
+def _maybe_tiled(dataset, args: argparse.Namespace):
+    from mhpc.data.tiling import TiledDataset, check_tiling
+
+    if args.tile is None:
+        return dataset
+    check_tiling(args.tile, args.tile_overlap)
+    return TiledDataset(dataset, args.tile, args.tile_overlap)
+
+
+def _scored(model, dataset, batch_size: int):
+    """(index, image score, anomaly map, RGB image the map covers) per image; a tiled dataset is scored
+    tile by tile and its maps stitched at the image's full resolution."""
+    import numpy as np
+
+    from mhpc.data.datasets import make_loader
+    from mhpc.data.io import load_rgb
+    from mhpc.data.tiling import TiledDataset, predict_tiled
+    from mhpc.data.transforms import denormalize
+
+    if isinstance(dataset, TiledDataset):
+        for i, score, amap in predict_tiled(model, dataset, batch_size):
+            sample = dataset.base.samples[i]
+            yield i, score, amap, lambda s=sample: np.asarray(load_rgb(s.image, dataset.preprocessing["bit_depth"]))
+        return
+    k = 0
+    for batch in make_loader(dataset, batch_size):
+        scores, maps = model.predict_images(batch["image"])
+        for img, score, amap in zip(batch["image"], scores, maps):
+            yield k, float(score), amap, lambda img=img: denormalize(img)
+            k += 1
+
+
 def _cmd_fit(args: argparse.Namespace) -> None:
     import torch
 
@@ -131,13 +163,16 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         raise MHPCError(f"need more training images: {n} found, {n_hold} held out for the threshold")
     # Every k-th image is held out (deterministic, spread over the folder) to calibrate the threshold.
     hold_idx = set(torch.linspace(0, n - 1, n_hold).round().long().tolist()) if n_hold else set()
-    fit_ds = SampleDataset([s for i, s in enumerate(full.samples) if i not in hold_idx], full.preprocessing)
+    fit_ds = _maybe_tiled(SampleDataset([s for i, s in enumerate(full.samples) if i not in hold_idx],
+                                        full.preprocessing), args)
     with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,)) as out:
         start = time.perf_counter()
         model.fit(make_loader(fit_ds, batch_size))
         if hold_idx:
-            hold_ds = SampleDataset([s for i, s in enumerate(full.samples) if i in hold_idx], full.preprocessing)
-            model.calibrate(make_loader(hold_ds, batch_size), quantile=args.threshold_quantile)
+            hold_ds = _maybe_tiled(SampleDataset([s for i, s in enumerate(full.samples) if i in hold_idx],
+                                                 full.preprocessing), args)
+            model.calibrate_scores([score for _, score, _, _ in _scored(model, hold_ds, batch_size)],
+                                   quantile=args.threshold_quantile)
         model.save(out)
     threshold = getattr(model, "threshold_", None)
     print(f"fitted on {len(fit_ds)} images in {time.perf_counter() - start:.1f} s; memory bank "
@@ -150,8 +185,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from mhpc.core.mh_patch_core import MHPatchCore
-    from mhpc.data.datasets import ImageFilesDataset, make_loader
-    from mhpc.data.transforms import denormalize, make_preprocessing
+    from mhpc.data.datasets import ImageFilesDataset
+    from mhpc.data.tiling import TiledDataset
+    from mhpc.data.transforms import make_preprocessing
     from mhpc.outputs import atomic_write_csv, output_folder, output_names, with_suffix_added
     from mhpc.report import overlay
     from mhpc.validation import check_batch_size
@@ -161,26 +197,24 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     model.progress = not args.quiet
     # Models saved before the preprocessing was recorded were fitted with the MVTec protocol.
     pre = model.preprocessing_ or make_preprocessing(tuple(model.input_shape), "center")
-    ds = ImageFilesDataset(args.images, preprocessing=pre).validate()
+    base = ImageFilesDataset(args.images, preprocessing=pre).validate()
+    ds = TiledDataset(base, *pre["tile"]) if pre.get("tile") else base
     threshold = getattr(model, "threshold_", None)
-    paths = [str(s.image) for s in ds.samples]
+    paths = [str(s.image) for s in base.samples]
     names = output_names(paths)
-    rows, k = [], 0
+    rows = []
     with output_folder(args.out, args.overwrite) as out:
-        for batch in make_loader(ds, batch_size):
-            scores, maps = model.predict_images(batch["image"])
-            for img, score, amap in zip(batch["image"], scores, maps):
-                map_rel = Path("maps") / with_suffix_added(names[k], ".npy")
-                overlay_rel = Path("overlays") / with_suffix_added(names[k], ".png")
-                for rel in (map_rel, overlay_rel):
-                    (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                np.save(out / map_rel, amap.astype(np.float32))
-                # Colour scale: 0 .. 2x threshold, so the threshold sits mid-scale on every image.
-                vmax = 2 * threshold if threshold else float(amap.max())
-                Image.fromarray(overlay(denormalize(img), amap, 0.0, vmax)).save(out / overlay_rel)
-                anomalous = "" if threshold is None else int(score >= threshold)
-                rows.append([paths[k], repr(float(score)), anomalous, str(map_rel), str(overlay_rel)])
-                k += 1
+        for k, score, amap, rgb in _scored(model, ds, batch_size):
+            map_rel = Path("maps") / with_suffix_added(names[k], ".npy")
+            overlay_rel = Path("overlays") / with_suffix_added(names[k], ".png")
+            for rel in (map_rel, overlay_rel):
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            np.save(out / map_rel, amap.astype(np.float32))
+            # Colour scale: 0 .. 2x threshold, so the threshold sits mid-scale on every image.
+            vmax = 2 * threshold if threshold else float(amap.max())
+            Image.fromarray(overlay(rgb(), amap, 0.0, vmax)).save(out / overlay_rel)
+            anomalous = "" if threshold is None else int(score >= threshold)
+            rows.append([paths[k], repr(float(score)), anomalous, str(map_rel), str(overlay_rel)])
         atomic_write_csv(out / "scores.csv", ["image_path", "score", "is_anomalous", "map_path", "overlay_path"], rows)
     flagged = sum(1 for r in rows if r[2] == 1)
     note = "" if threshold is not None else " (model has no threshold: is_anomalous left empty)"
@@ -265,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
     _add_model_options(p)
     _add_geometry(p, "none")
+    p.add_argument("--tile", type=int, metavar="SIZE",
+                   help="fit (and later predict) on SIZE x SIZE tiles of the original image, for images much larger "
+                        "than the input; maps are stitched at full resolution, the image score is the tiles' max")
+    p.add_argument("--tile-overlap", type=int, default=0, metavar="PX", help="pixels shared by neighbouring tiles (0)")
     _add_overwrite(p)
     _add_key_file(p)
     _add_quiet(p)

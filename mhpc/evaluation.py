@@ -7,6 +7,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,8 @@ def evaluate_category(cfg: dict[str, Any], data_root: str | Path, category: str,
 def evaluate_in_subprocess(cfg: dict[str, Any], data_root, category: str, out_dir, device: str = "cpu",
                            batch_size: int = 8, progress: bool = True, report: bool = True,
                            crop: str = "center") -> dict:
-    """One run in a fresh Python process, so that its peak RSS is its own and not the max of all runs."""
+    """One run in a fresh Python process, so that its peak RSS is its own and not the max of all runs.
+    The run's warnings come back in the result's ``warnings`` list."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = dict(cfg=cfg, data_root=str(data_root), category=category, out_dir=str(out), device=device,
@@ -116,13 +118,15 @@ def evaluate_in_subprocess(cfg: dict[str, Any], data_root, category: str, out_di
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         raise MHPCError(f"run {config_name(cfg)} on {category} failed: {lines[-1] if lines else proc.returncode}")
-    return json.loads((out / "metrics.json").read_text())
+    warned = [line[len("warning: "):] for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    return json.loads((out / "metrics.json").read_text()) | {"warnings": warned}
 
 
 def _main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     if "input_shape" in spec["cfg"]:
         spec["cfg"]["input_shape"] = tuple(spec["cfg"]["input_shape"])
+    warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
     try:
         evaluate_category(**spec)
     except MHPCError as exc:

@@ -567,3 +567,44 @@ def test_hmac_signing(work, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MHPC_MODEL_KEY", "other")
     with pytest.raises(ModelFileError, match="signature does not match"):
         MHPatchCore.load(signed)
+
+
+# ------------------------------------------------------------------ tiling (images much larger than the input)
+def test_tile_boxes_cover_every_pixel_flush_with_the_border():
+    from mhpc.data.tiling import tile_boxes
+
+    boxes = tile_boxes(100, 250, 64, 16)
+    assert {(t, l) for t, l, _, _ in boxes} == {(t, l) for t in (0, 36) for l in (0, 48, 96, 144, 186)}
+    cover = np.zeros((100, 250), int)
+    for t, l, h, w in boxes:
+        cover[t:t + h, l:l + w] += 1
+    assert cover.min() >= 1 and all(h == w == 64 for _, _, h, w in boxes)
+    assert tile_boxes(30, 40, 64, 16) == [(0, 0, 30, 40)]  # smaller than a tile: one tile, the whole image
+
+
+def test_tiled_fit_and_predict_stitch_full_resolution_maps(work, tmp_path, capsys):
+    from mhpc.core.mh_patch_core import MHPatchCore
+
+    write_images(tmp_path / "good", 5, h=96, w=144)
+    rng = np.random.default_rng(11)
+    bad = stripes(rng, 96, 144)
+    bad[60:76, 120:136] = [255, 0, 0]  # in the last column of tiles
+    Image.fromarray(bad).save(tmp_path / "bad.png")
+    model_dir = tmp_path / "m"
+    argv = fit_argv(work, model_dir, "--tile", "48", "--tile-overlap", "8")
+    argv[2] = tmp_path / "good"
+    argv[argv.index("--input-size") + 1: argv.index("--input-size") + 3] = ["48", "48"]
+    assert run(argv, capsys)[0] == 0
+    assert MHPatchCore.load(model_dir).preprocessing_["tile"] == [48, 8]
+    out = tmp_path / "p"
+    assert run(["predict", "--model", model_dir, "--images", tmp_path / "bad.png", tmp_path / "good" / "000.png",
+                "--out", out, "--quiet"], capsys)[0] == 0
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    amap = np.load(out / rows[0]["map_path"])
+    assert amap.shape == (96, 144)  # the original resolution
+    y, x = np.unravel_index(amap.argmax(), amap.shape)
+    assert 52 <= y <= 84 and 112 <= x <= 143  # the peak sits on the defect
+    assert float(rows[0]["score"]) > 1.5 * float(rows[1]["score"])
+    assert Image.open(out / rows[0]["overlay_path"]).size == (144, 96)
+    argv[argv.index("--tile-overlap") + 1] = "48"
+    assert_one_line(*run(argv + ["--overwrite"], capsys), "--tile-overlap")

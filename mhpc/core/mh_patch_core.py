@@ -423,7 +423,13 @@ class MHPatchCore:
         """Sets ``threshold_`` from images of good parts that were not used for fit."""
         if not 0.0 < quantile <= 1.0:
             raise MHPCError(f"quantile must be in (0, 1], got {quantile}")
-        scores = self.predict(dataloader)[0]
+        return self.calibrate_scores(self.predict(dataloader)[0], quantile)
+
+    def calibrate_scores(self, scores: np.ndarray, quantile: float = 0.99) -> "MHPatchCore":
+        """Sets ``threshold_`` from image scores of held-out good images (e.g. each image's max over tiles)."""
+        if not 0.0 < quantile <= 1.0:
+            raise MHPCError(f"quantile must be in (0, 1], got {quantile}")
+        scores = np.asarray(scores, dtype=np.float64)
         if scores.size < 10:
             warn(f"the threshold comes from only {scores.size} held-out image(s); with fewer than 10 it is one "
                  "image's score or close to it, so good images will be flagged. Hold out more good images.")

@@ -47,9 +47,10 @@ class SampleDataset(torch.utils.data.Dataset):
         16-bit images without an sBIT chunk set ``bit_depth`` from the largest value (unless given)."""
         if self._validated:
             return self
-        peak = 0.0
+        peak, sizes = 0.0, []
         for s in self.samples:
             info = inspect_image(s.image)
+            sizes.append(info.size)
             if info.max_value and png_sbit(s.image) is None:
                 peak = max(peak, info.max_value)
             if s.mask is not None:
@@ -57,6 +58,7 @@ class SampleDataset(torch.utils.data.Dataset):
                 self._check_mask(s, mask, info.size)
         if peak and self.preprocessing.get("bit_depth") is None:
             self.preprocessing["bit_depth"] = bits_for(peak)
+        self.sizes_ = sizes  # (width, height) of every image
         self._validated = True
         return self
 

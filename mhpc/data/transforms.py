@@ -11,7 +11,9 @@ export all preprocess from the same code:
     the MVTec protocol: short side resized to R (256 for 224), centre crop H x W (drops the border).
 
 ``bit_depth`` is the real depth of 16-bit training data (from the PNG sBIT chunk or the data's
-maximum), so 12-bit data in a 16-bit file keeps its 4096 grey levels.
+maximum), so 12-bit data in a 16-bit file keeps its 4096 grey levels. ``tile`` ([size, overlap] or
+None) says the model was fitted on tiles of the original image (``mhpc.data.tiling``); each tile then
+goes through the same whole-image transform.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def make_preprocessing(input_size: int | Sequence[int] = (224, 224), crop: str =
                        bit_depth: int | None = None) -> dict[str, Any]:
     """The preprocessing dict; ``crop="center"`` resizes the short side to 256/224 of the input first."""
     size = [int(input_size), int(input_size)] if isinstance(input_size, (int, np.integer)) else list(input_size)
-    pre = {"crop": crop, "input_size": size, "resize": None, "bit_depth": bit_depth}
+    pre = {"crop": crop, "input_size": size, "resize": None, "bit_depth": bit_depth, "tile": None}
     if crop == "center" and len(size) == 2:
         pre["resize"] = round(min(int(s) for s in size) * 256 / 224)
     return check_preprocessing(pre)
@@ -55,11 +57,16 @@ def check_preprocessing(pre: Any, source: str = "preprocessing") -> dict[str, An
     resize = pre.get("resize")
     if pre["crop"] == "center" and not (isinstance(resize, int) and resize >= min(size)):
         raise MHPCError(f"{source}: centre crop needs an integer resize >= the input size, got {resize!r}")
+    tile = pre.get("tile")
+    if tile is not None and not (isinstance(tile, (list, tuple)) and len(tile) == 2
+                                 and all(isinstance(t, int) and not isinstance(t, bool) for t in tile)
+                                 and tile[0] >= 8 and 0 <= tile[1] < tile[0] and pre["crop"] == "none"):
+        raise MHPCError(f"{source}: tile must be [size >= 8, overlap in [0, size)] with crop 'none', got {tile!r}")
     depth = pre.get("bit_depth")
     if depth is not None and not (isinstance(depth, int) and not isinstance(depth, bool) and 1 <= depth <= 16):
         raise MHPCError(f"{source}: bit_depth must be an integer in 1..16 or null, got {depth!r}")
     return {"crop": pre["crop"], "input_size": [int(s) for s in size], "resize": resize if pre["crop"] == "center" else None,
-            "bit_depth": depth}
+            "bit_depth": depth, "tile": list(tile) if tile is not None else None}
 
 
 def letterbox_geometry(height: int, width: int, out_h: int, out_w: int) -> tuple[int, int, int, int]:

@@ -135,7 +135,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     import torch
 
     from mhpc.core.model_file import MODEL_FILENAME
-    from mhpc.data.datasets import FolderDataset, MVTecDataset, SampleDataset, make_loader
+    from mhpc.data.datasets import FolderDataset, MVTecDataset, make_loader
     from mhpc.evaluation import build_model
     from mhpc.outputs import output_folder
     from mhpc.validation import check_batch_size
@@ -163,14 +163,12 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         raise MHPCError(f"need more training images: {n} found, {n_hold} held out for the threshold")
     # Every k-th image is held out (deterministic, spread over the folder) to calibrate the threshold.
     hold_idx = set(torch.linspace(0, n - 1, n_hold).round().long().tolist()) if n_hold else set()
-    fit_ds = _maybe_tiled(SampleDataset([s for i, s in enumerate(full.samples) if i not in hold_idx],
-                                        full.preprocessing), args)
+    fit_ds = _maybe_tiled(full.subset([i for i in range(n) if i not in hold_idx]), args)
     with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,)) as out:
         start = time.perf_counter()
         model.fit(make_loader(fit_ds, batch_size))
         if hold_idx:
-            hold_ds = _maybe_tiled(SampleDataset([s for i, s in enumerate(full.samples) if i in hold_idx],
-                                                 full.preprocessing), args)
+            hold_ds = _maybe_tiled(full.subset(sorted(hold_idx)), args)
             model.calibrate_scores([score for _, score, _, _ in _scored(model, hold_ds, batch_size)],
                                    quantile=args.threshold_quantile)
         model.save(out)

@@ -62,6 +62,13 @@ class SampleDataset(torch.utils.data.Dataset):
         self._validated = True
         return self
 
+    def subset(self, indices: list[int]) -> "SampleDataset":
+        """The samples at ``indices`` with the same preprocessing (validated when this set was)."""
+        sub = SampleDataset([self.samples[i] for i in indices], self.preprocessing)
+        if self._validated:
+            sub.sizes_, sub._validated = [self.sizes_[i] for i in indices], True
+        return sub
+
     @staticmethod
     def _check_mask(s: Sample, mask: Image.Image, size: tuple[int, int]) -> None:
         if mask.size != size:

@@ -99,43 +99,12 @@ def _preprocessing(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, A
     return make_preprocessing(cfg["input_shape"], args.crop)
 
 
-def _maybe_tiled(dataset, args: argparse.Namespace):
-    from mhpc.data.tiling import TiledDataset, check_tiling
-
-    if args.tile is None:
-        return dataset
-    check_tiling(args.tile, args.tile_overlap)
-    return TiledDataset(dataset, args.tile, args.tile_overlap)
-
-
-def _scored(model, dataset, batch_size: int):
-    """(index, image score, anomaly map, RGB image the map covers) per image; a tiled dataset is scored
-    tile by tile and its maps stitched at the image's full resolution."""
-    import numpy as np
-
-    from mhpc.data.datasets import make_loader
-    from mhpc.data.io import load_rgb
-    from mhpc.data.tiling import TiledDataset, predict_tiled
-    from mhpc.data.transforms import denormalize
-
-    if isinstance(dataset, TiledDataset):
-        for i, score, amap in predict_tiled(model, dataset, batch_size):
-            sample = dataset.base.samples[i]
-            yield i, score, amap, lambda s=sample: np.asarray(load_rgb(s.image, dataset.preprocessing["bit_depth"]))
-        return
-    k = 0
-    for batch in make_loader(dataset, batch_size):
-        scores, maps = model.predict_images(batch["image"])
-        for img, score, amap in zip(batch["image"], scores, maps):
-            yield k, float(score), amap, lambda img=img: denormalize(img)
-            k += 1
-
-
 def _cmd_fit(args: argparse.Namespace) -> None:
     import torch
 
     from mhpc.core.model_file import MODEL_FILENAME
     from mhpc.data.datasets import FolderDataset, MVTecDataset, make_loader
+    from mhpc.data.tiling import maybe_tiled, score_dataset
     from mhpc.evaluation import build_model
     from mhpc.outputs import output_folder
     from mhpc.validation import check_batch_size
@@ -163,17 +132,18 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         raise MHPCError(f"need more training images: {n} found, {n_hold} held out for the threshold")
     # Every k-th image is held out (deterministic, spread over the folder) to calibrate the threshold.
     hold_idx = set(torch.linspace(0, n - 1, n_hold).round().long().tolist()) if n_hold else set()
-    fit_ds = _maybe_tiled(full.subset([i for i in range(n) if i not in hold_idx]), args)
+    fit_ds = maybe_tiled(full.subset([i for i in range(n) if i not in hold_idx]), args.tile, args.tile_overlap)
     with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,)) as out:
         start = time.perf_counter()
         model.fit(make_loader(fit_ds, batch_size))
         if hold_idx:
-            hold_ds = _maybe_tiled(full.subset(sorted(hold_idx)), args)
-            model.calibrate_scores([score for _, score, _, _ in _scored(model, hold_ds, batch_size)],
+            hold_ds = maybe_tiled(full.subset(sorted(hold_idx)), args.tile, args.tile_overlap)
+            model.calibrate_scores([score for _, score, _, _ in score_dataset(model, hold_ds, batch_size)],
                                    quantile=args.threshold_quantile)
         model.save(out)
     threshold = getattr(model, "threshold_", None)
-    print(f"fitted on {len(fit_ds)} images in {time.perf_counter() - start:.1f} s; memory bank "
+    tiles = f" ({len(fit_ds)} tiles)" if args.tile else ""
+    print(f"fitted on {n - len(hold_idx)} images{tiles} in {time.perf_counter() - start:.1f} s; memory bank "
           f"{tuple(model.memory_bank_.shape)}; threshold {threshold if threshold is None else f'{threshold:.4g}'} "
           f"(from {len(hold_idx)} held-out good images); saved {Path(args.out) / MODEL_FILENAME}")
 
@@ -184,7 +154,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     from mhpc.core.mh_patch_core import MHPatchCore
     from mhpc.data.datasets import ImageFilesDataset
-    from mhpc.data.tiling import TiledDataset
+    from mhpc.data.tiling import TiledDataset, score_dataset
     from mhpc.data.transforms import make_preprocessing
     from mhpc.outputs import atomic_write_csv, output_folder, output_names, with_suffix_added
     from mhpc.report import overlay
@@ -202,7 +172,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     names = output_names(paths)
     rows = []
     with output_folder(args.out, args.overwrite) as out:
-        for k, score, amap, rgb in _scored(model, ds, batch_size):
+        for k, score, amap, rgb in score_dataset(model, ds, batch_size):
             map_rel = Path("maps") / with_suffix_added(names[k], ".npy")
             overlay_rel = Path("overlays") / with_suffix_added(names[k], ".png")
             for rel in (map_rel, overlay_rel):
@@ -235,7 +205,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 def _cmd_ablation(args: argparse.Namespace) -> None:
     from mhpc.ablation import run_ablation
-
     from mhpc.outputs import output_folder
     from mhpc.validation import check_batch_size
 

@@ -28,8 +28,8 @@ from mhpc.core.backbones import BackboneName, default_layers, load_backbone, par
 from mhpc.core.feature_extractor import PatchFeatureExtractor
 from mhpc.core.reduction import Identity, PCAReduction
 from mhpc.core.timing import stage_timer
-from mhpc.data.transforms import dataset_preprocessing
 from mhpc.core.scoring import NearestNeighbourScorer, anomaly_maps, reweight_image_scores
+from mhpc.data.transforms import dataset_preprocessing
 from mhpc.errors import MHPCError, NotFittedError
 from mhpc.mahalanobis import Whitener
 from mhpc.memory_bank import ApproximateGreedyCoreset, KeepAll, KMeansBank
@@ -429,7 +429,9 @@ class MHPatchCore:
         """Sets ``threshold_`` from image scores of held-out good images (e.g. each image's max over tiles)."""
         if not 0.0 < quantile <= 1.0:
             raise MHPCError(f"quantile must be in (0, 1], got {quantile}")
-        scores = np.asarray(scores, dtype=np.float64)
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if scores.size == 0 or not np.isfinite(scores).all():
+            raise MHPCError(f"calibration needs finite scores of at least one image, got {scores.size} score(s)")
         if scores.size < 10:
             warn(f"the threshold comes from only {scores.size} held-out image(s); with fewer than 10 it is one "
                  "image's score or close to it, so good images will be flagged. Hold out more good images.")

@@ -9,7 +9,7 @@ fitted on tiles predicts on tiles of the same size.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from mhpc.errors import MHPCError
 
 
 def check_tiling(size: int, overlap: int) -> None:
+    """One-line errors for the CLI's --tile/--tile-overlap."""
     if not isinstance(size, int) or size < 8:
         raise MHPCError(f"--tile must be an integer >= 8 pixels, got {size!r}")
     if not isinstance(overlap, int) or not 0 <= overlap < size:
@@ -98,3 +99,29 @@ def predict_tiled(model, tiled: TiledDataset, batch_size: int = 8) -> Iterator[t
             count[top:top + th, left:left + tw] += 1
     if current is not None:
         yield current, score, (total / count).astype(np.float32)
+
+
+def maybe_tiled(dataset, size: int | None, overlap: int = 0):
+    """``dataset`` itself, or its tiles when a tile size is given."""
+    return dataset if size is None else TiledDataset(dataset, size, overlap)
+
+
+def score_dataset(model, dataset, batch_size: int = 8) -> Iterator[tuple[int, float, np.ndarray, Callable[[], np.ndarray]]]:
+    """(index, image score, anomaly map, a function giving the RGB image the map covers) per image. A tiled
+    dataset is scored tile by tile and its maps stitched at the image's full resolution; otherwise the map
+    is at the input size, over the preprocessed image."""
+    from mhpc.data.datasets import make_loader
+    from mhpc.data.transforms import denormalize
+
+    if isinstance(dataset, TiledDataset):
+        depth = dataset.preprocessing.get("bit_depth")
+        for i, score, amap in predict_tiled(model, dataset, batch_size):
+            path = dataset.base.samples[i].image
+            yield i, score, amap, lambda path=path: np.asarray(load_rgb(path, depth))
+        return
+    k = 0
+    for batch in make_loader(dataset, batch_size):
+        scores, maps = model.predict_images(batch["image"])
+        for img, score, amap in zip(batch["image"], scores, maps):
+            yield k, float(score), amap, lambda img=img: denormalize(img)
+            k += 1

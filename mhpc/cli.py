@@ -156,7 +156,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from mhpc.data.datasets import ImageFilesDataset
     from mhpc.data.tiling import TiledDataset, score_dataset
     from mhpc.data.transforms import make_preprocessing
-    from mhpc.outputs import atomic_write_csv, output_folder, output_names, with_suffix_added
+    from mhpc.core.model_file import resolve_model_path
+    from mhpc.outputs import atomic_write_csv, output_folder, output_names, refuse_inputs_inside, with_suffix_added
     from mhpc.report import overlay
     from mhpc.validation import check_batch_size
 
@@ -169,6 +170,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     ds = TiledDataset(base, *pre["tile"]) if pre.get("tile") else base
     threshold = getattr(model, "threshold_", None)
     paths = [str(s.image) for s in base.samples]
+    refuse_inputs_inside(args.out, [resolve_model_path(args.model)], "model")
+    refuse_inputs_inside(args.out, paths, "image")
     names = output_names(paths)
     rows = []
     with output_folder(args.out, args.overwrite) as out:

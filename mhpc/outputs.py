@@ -52,6 +52,15 @@ def output_folder(path: str | os.PathLike, overwrite: bool = False, keep: Sequen
         raise
 
 
+def refuse_inputs_inside(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], what: str,
+                         flag: str = "--out") -> None:
+    """An --out that holds an input (the model, an image) would be emptied by --overwrite: refuse it."""
+    root = Path(os.path.abspath(out))
+    for p in inputs:
+        if root == Path(os.path.abspath(p)) or root in Path(os.path.abspath(p)).parents:
+            raise MHPCError(f"{flag} {out} holds the {what} {p}; write the results to another folder")
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)

@@ -396,6 +396,11 @@ def test_second_run_into_one_out_is_refused_and_overwrite_replaces(work, tmp_pat
                      "--quiet", "--overwrite"], capsys)
     assert_one_line(code, err, "not written by mhpc")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    # --overwrite into the model's own folder would delete the model: refused.
+    code, err = run(["predict", "--model", work / "model", "--images", images[0], "--out", work / "model",
+                     "--quiet", "--overwrite"], capsys)
+    assert_one_line(code, err, "holds the model")
+    assert (work / "model" / "model.safetensors").is_file()
 
 
 def test_corrupt_last_image_leaves_no_output(work, tmp_path, capsys):

@@ -98,6 +98,21 @@ def test_edge_defect_of_a_wide_image_is_seen(tmp_path):
     assert FolderDataset(tmp_path / "good").preprocessing["crop"] == "none"
 
 
+def test_recorded_preprocessing_rebuilds_the_same_transform(work):
+    """predict, export and a future Ray predict preprocess from ``model.preprocessing_`` alone."""
+    from mhpc.core.mh_patch_core import MHPatchCore
+    from mhpc.data.datasets import FolderDataset
+    from mhpc.data.io import load_rgb
+    from mhpc.data.transforms import build_transforms
+
+    model = MHPatchCore.load(work / "model")
+    assert model.preprocessing_ == {"crop": "none", "input_size": [64, 64], "resize": None, "bit_depth": None,
+                                    "tile": None}
+    image_tf, _ = build_transforms(model.preprocessing_)
+    ds = FolderDataset(work / "good", input_size=64)
+    assert torch.equal(image_tf(load_rgb(ds.samples[0].image)), ds[0]["image"])
+
+
 def test_non_square_input_size_from_the_cli(work, tmp_path, capsys):
     write_images(tmp_path / "wide", 5, h=32, w=96)
     out = tmp_path / "m"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -50,6 +49,12 @@ def _model_config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
+def _add_ray_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run on Ray (pip install 'mhpc[distributed]'): no ADDRESS starts a local Ray, "
+                        "'auto' joins the running cluster, 'ray://HOST:PORT' a remote one")
+
+
 def _add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -93,9 +98,15 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     # Every k-th image is held out (deterministic, spread over the folder) to calibrate the threshold.
     hold_idx = set(torch.linspace(0, n - 1, n_hold).round().long().tolist()) if n_hold else set()
     fit_ds = SampleDataset([s for i, s in enumerate(full.samples) if i not in hold_idx])
+    if args.shards is not None and args.ray is None:
+        raise MHPCError("--shards needs --ray")
     model = build_model(_model_config(args))
     start = time.perf_counter()
-    model.fit(make_loader(fit_ds, args.batch_size))
+    if args.ray is not None:
+        model.fit_distributed([str(s.image) for s in fit_ds.samples], ray_address=args.ray or None,
+                              num_shards=args.shards, batch_size=args.batch_size)
+    else:
+        model.fit(make_loader(fit_ds, args.batch_size))
     if hold_idx:
         hold_ds = SampleDataset([s for i, s in enumerate(full.samples) if i in hold_idx])
         model.calibrate(make_loader(hold_ds, args.batch_size), quantile=args.threshold_quantile)
@@ -106,53 +117,34 @@ def _cmd_fit(args: argparse.Namespace) -> None:
           f"(from {len(hold_idx)} held-out good images); saved {args.out}")
 
 
-def _unique_stems(paths: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for p in paths:
-        stem = Path(p).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        out.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
-    return out
-
-
 def _cmd_predict(args: argparse.Namespace) -> None:
-    import numpy as np
-    from PIL import Image
-
     from mhpc.core.mh_patch_core import MHPatchCore
     from mhpc.data.datasets import ImageFilesDataset, make_loader
     from mhpc.data.transforms import denormalize
-    from mhpc.report import overlay
+    from mhpc.prediction import PredictionWriter
 
     model = MHPatchCore.load(args.model, device=args.device)
     model.progress = not args.quiet
     crop = model.input_shape[0]
     ds = ImageFilesDataset(args.images, resize=round(crop * 256 / 224), crop=crop)
     threshold = getattr(model, "threshold_", None)
-    out = Path(args.out)
-    (out / "maps").mkdir(parents=True, exist_ok=True)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    paths = [str(s.image) for s in ds.samples]
-    stems = _unique_stems(paths)
-    rows, k = [], 0
-    for batch in make_loader(ds, args.batch_size):
-        scores, maps = model.predict_images(batch["image"])
-        for img, score, amap in zip(batch["image"], scores, maps):
-            np.save(out / "maps" / f"{stems[k]}.npy", amap.astype(np.float32))
-            # Colour scale: 0 .. 2x threshold, so the threshold sits mid-scale on every image.
-            vmax = 2 * threshold if threshold else float(amap.max())
-            Image.fromarray(overlay(denormalize(img), amap, 0.0, vmax)).save(out / "overlays" / f"{stems[k]}.png")
-            anomalous = "" if threshold is None else int(score >= threshold)
-            rows.append([paths[k], repr(float(score)), anomalous])
-            k += 1
-    with open(out / "scores.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image_path", "score", "is_anomalous"])
-        writer.writerows(rows)
+    writer = PredictionWriter(args.out, [str(s.image) for s in ds.samples], threshold)
+    if args.ray is not None:
+        from mhpc.distributed import predict_distributed
+
+        predict_distributed(args.model, model.input_shape, writer.paths, writer, ray_address=args.ray or None,
+                            batch_size=args.batch_size, progress=not args.quiet)
+    else:
+        k = 0
+        for batch in make_loader(ds, args.batch_size):
+            scores, maps = model.predict_images(batch["image"])
+            for img, score, amap in zip(batch["image"], scores, maps):
+                writer.write(k, denormalize(img), score, amap)
+                k += 1
+    rows = writer.close()
     flagged = sum(1 for r in rows if r[2] == 1)
     note = "" if threshold is not None else " (model has no threshold: is_anomalous left empty)"
-    print(f"scored {len(rows)} images, {flagged} anomalous; wrote {out}{note}")
+    print(f"scored {len(rows)} images, {flagged} anomalous; wrote {args.out}{note}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -216,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder to write (model.safetensors)")
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of good images held out for the threshold (0.1)")
     p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
+    _add_ray_option(p)
+    p.add_argument("--shards", type=int, help="with --ray: number of path shards (default: the cluster's CPUs)")
     _add_model_options(p)
     _add_quiet(p)
     p.set_defaults(func=_cmd_fit)
@@ -226,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
+    _add_ray_option(p)
     _add_quiet(p)
     p.set_defaults(func=_cmd_predict)
 

@@ -1,0 +1,152 @@
+"""Fit and score on a Ray cluster (optional extra: ``pip install 'mhpc[distributed]'``).
+
+Ray is imported lazily, so the core package imports and works without it.
+
+Fit (``fit_distributed``; ``MHPatchCore.fit_distributed`` and ``mhpc fit --ray`` call it): the
+driver splits the image *paths* into contiguous shards and sends only paths. Each task loads its
+images, runs the backbone and returns the same mergeable state a single-process fit accumulates
+(``mhpc.fit_state``). The driver merges the states in shard order, finalises the projection, puts it
+in the object store, and runs the bank pass per shard the same way. The driver never sees a patch
+feature, only the states; the fit is the ONLINE fit with the loader split into shards.
+
+Determinism: a task is a pure function of (configuration, paths, projection), and the driver merges
+results in shard order, not completion order. A task whose worker dies is re-run by Ray
+(``max_retries``) and gives the same state, so the model does not change.
+
+Scoring (``predict_distributed``; ``mhpc predict --ray``): Ray Data over (index, path) rows and
+``map_batches`` with a pool of scorer actors. The model file's bytes go into the object store once;
+each actor loads them through ``MHPatchCore.load`` (the same integrity and backbone checks as a
+local load). Results carry the row index, and ``mhpc.prediction.PredictionWriter`` writes the same
+files as the single-process command, in input order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from mhpc.errors import MHPCError
+
+if TYPE_CHECKING:
+    from mhpc.core.mh_patch_core import MHPatchCore
+    from mhpc.prediction import PredictionWriter
+
+
+def import_ray():
+    """The ``ray`` module, or a one-line error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise MHPCError("Ray is not installed; install the extra: pip install 'mhpc[distributed]'") from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None) -> Iterator[Any]:
+    """Joins ``address`` ("auto", "HOST:PORT" or "ray://HOST:PORT"), or starts a local Ray when None.
+    A Ray already initialised in this process is used as it is and left running; one started here is
+    shut down at the end."""
+    ray = import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise MHPCError(f"cannot connect to Ray at {address or 'a new local instance'}: {exc}") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def shard_paths(paths: Sequence[str], num_shards: int) -> list[list[str]]:
+    """Contiguous shards whose sizes differ by at most one; shard order is input order."""
+    if int(num_shards) < 1:
+        raise MHPCError(f"num_shards must be >= 1, got {num_shards}")
+    if not paths:
+        raise MHPCError("no training images were given")
+    bounds = np.linspace(0, len(paths), min(int(num_shards), len(paths)) + 1).round().astype(int)
+    return [list(paths[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def resolve_image_paths(images: Sequence[str | os.PathLike] | tuple[str | os.PathLike, str]) -> list[str]:
+    """A list of image files, or an MVTec ``(root, category)`` pair (its good training images)."""
+    from mhpc.data.datasets import mvtec_samples
+
+    if isinstance(images, tuple) and len(images) == 2 and Path(images[0]).is_dir() \
+            and (Path(images[0]) / str(images[1])).is_dir():
+        return [str(s.image) for s in mvtec_samples(images[0], str(images[1]), "train")]
+    paths = [str(p) for p in images]
+    for p in paths:
+        if not Path(p).is_file():
+            raise MHPCError(f"training image not found: {p}")
+    return paths
+
+
+def image_batches(paths: Sequence[str], input_shape: Sequence[int], batch_size: int):
+    """A loader over image files with the preprocessing of ``mhpc fit``/``predict`` for this input size."""
+    from mhpc.data.datasets import Sample, SampleDataset, make_loader
+
+    crop = int(input_shape[0])
+    if int(input_shape[1]) != crop:
+        raise MHPCError(f"Ray fitting and scoring read square images; input_shape is {tuple(input_shape)}")
+    samples = [Sample(Path(p), None, False, "") for p in paths]
+    return make_loader(SampleDataset(samples, resize=round(crop * 256 / 224), crop=crop), batch_size)
+
+
+# ---------------------------------------------------------------- scoring
+class _BatchScorer:
+    """One Ray Data actor: loads the model once, then scores batches of (index, path) rows."""
+
+    def __init__(self, model_blob: list, input_shape: tuple[int, int]) -> None:
+        from mhpc.core.mh_patch_core import MHPatchCore
+
+        ray = import_ray()
+        blob = ray.get(model_blob[0])  # wrapped in a list so Ray Data passes the reference, not a copy
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / "model.safetensors"
+            file.write_bytes(blob)
+            self.model = MHPatchCore.load(file, device="cpu")
+        self.model.progress = False
+        self.input_shape = input_shape
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from mhpc.data.transforms import denormalize
+
+        loader = image_batches([str(p) for p in batch["path"]], self.input_shape, len(batch["path"]))
+        images = next(iter(loader))["image"]
+        scores, maps = self.model.predict_images(images)
+        return {"index": np.asarray(batch["index"]), "score": scores, "map": maps,
+                "rgb": np.stack([denormalize(img) for img in images])}
+
+
+def predict_distributed(model_path: str | os.PathLike, input_shape: Sequence[int], paths: Sequence[str],
+                        writer: "PredictionWriter", ray_address: str | None = None, batch_size: int = 8,
+                        num_workers: int | None = None, progress: bool = True) -> None:
+    """Scores ``paths`` on Ray with the saved model at ``model_path`` (already loaded once by the caller,
+    which checked it); ``writer`` gets every result."""
+    from mhpc.core.model_file import resolve_model_path
+
+    file = resolve_model_path(model_path)
+    input_shape = tuple(int(v) for v in input_shape)
+    with ray_session(ray_address) as ray:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = progress
+        workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        blob = ray.put(file.read_bytes())
+        rows = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(paths)])
+        scored = rows.map_batches(
+            _BatchScorer, fn_constructor_args=([blob], input_shape), batch_size=batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=min(workers, len(paths))), num_cpus=1,
+        )
+        for batch in scored.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            for i, score, amap, rgb in zip(batch["index"], batch["score"], batch["map"], batch["rgb"]):
+                writer.write(int(i), rgb, float(score), amap)

@@ -150,3 +150,105 @@ def predict_distributed(model_path: str | os.PathLike, input_shape: Sequence[int
         for batch in scored.iter_batches(batch_size=batch_size, batch_format="numpy"):
             for i, score, amap, rgb in zip(batch["index"], batch["score"], batch["map"], batch["rgb"]):
                 writer.write(int(i), rgb, float(score), amap)
+
+
+# ---------------------------------------------------------------- fit
+_WORKER_MODEL: dict[str, Any] = {}  # one built model per worker process, reused by its later tasks
+
+
+def _worker_model(config: dict[str, Any], fingerprint: str) -> "MHPatchCore":
+    """The model a task works with: built from the driver's configuration (the backbone comes from the
+    node's own weights cache), and refused when its weights differ from the driver's."""
+    import json
+
+    from mhpc.core.backbones import state_fingerprint
+    from mhpc.core.mh_patch_core import MHPatchCore
+
+    key = json.dumps(config, sort_keys=True)
+    if key not in _WORKER_MODEL:
+        _WORKER_MODEL.clear()
+        model = MHPatchCore(**config).begin_fit()
+        if state_fingerprint(model.feature_extractor_) != fingerprint:
+            raise MHPCError(f"this Ray node loads different {model.backbone_.value} weights than the driver "
+                            f"(pretrained={model.pretrained}, weights_path={model.weights_path})")
+        _WORKER_MODEL[key] = model
+    return _WORKER_MODEL[key]
+
+
+def _statistics_task(config: dict[str, Any], fingerprint: str, paths: list[str],
+                     batch_size: int) -> dict[str, torch.Tensor]:
+    """One shard's statistics pass: the raw-feature statistics as tensors (count, mean, M2)."""
+    model = _worker_model(config, fingerprint)
+    stats = model.statistics_pass(image_batches(paths, model.input_shape, batch_size))
+    return stats.to_tensors()
+
+
+def _bank_task(config: dict[str, Any], fingerprint: str, projection: dict[str, torch.Tensor],
+               paths: list[str], batch_size: int, expected_patches: int) -> dict[str, torch.Tensor]:
+    """One shard's bank pass in the driver's projection: the bank state as tensors."""
+    from mhpc.core.model_file import set_stage_tensors
+
+    model = set_stage_tensors(_worker_model(config, fingerprint), projection)
+    bank = model.bank_pass(image_batches(paths, model.input_shape, batch_size), expected_patches)
+    return bank.to_tensors()
+
+
+def _in_order(ray: Any, refs: list) -> Iterator[Any]:
+    """Task results in shard order, one at a time: the driver holds one shard's state besides the merged
+    one, and the merge order (hence the rounding) does not depend on which task finished first."""
+    for i in range(len(refs)):
+        ref, refs[i] = refs[i], None  # the driver's reference goes as soon as the state is merged
+        yield ray.get(ref)
+
+
+def fit_distributed(model: "MHPatchCore", images: Sequence[str | os.PathLike] | tuple[str, str],
+                    ray_address: str | None = None, num_shards: int | None = None, batch_size: int = 8,
+                    max_retries: int = 3) -> "MHPatchCore":
+    """Fits ``model`` on Ray: the ONLINE fit with the images split into ``num_shards`` path shards
+    (default: the cluster's CPUs). ``images``: image files, or an MVTec ``(root, category)`` pair."""
+    from mhpc.core.backbones import state_fingerprint
+    from mhpc.core.model_file import stage_tensors
+    from mhpc.fit_state import BankState, FitState
+    from mhpc.mahalanobis import OnlineCovariance
+
+    paths = resolve_image_paths(images)
+    model.begin_fit()
+    if model._needs_statistics() and model.feature_reduction_.value == "PCA" and model.pca_solver != "covariance":
+        raise MHPCError("a distributed fit merges covariance statistics; use pca_solver='covariance'")
+    # The patch grid from one blank image: the driver's model needs it for scoring, and a fractional
+    # k-means cluster count needs the total patch count before the bank pass.
+    with torch.no_grad():
+        model._embed(torch.zeros(1, 3, *model.input_shape, device=model.device_))
+    total_patches = len(paths) * model.grid_shape_[0] * model.grid_shape_[1]
+    config = {**model.get_config(), "progress": False}
+    fingerprint = state_fingerprint(model.feature_extractor_)
+    with ray_session(ray_address) as ray:
+        shards = shard_paths(paths, num_shards or max(1, int(ray.cluster_resources().get("CPU", 1))))
+        options = dict(num_cpus=1, max_retries=int(max_retries), retry_exceptions=False)
+        if model.device_.type == "cuda":
+            options["num_gpus"] = 1
+        config_ref = ray.put(config)
+        stats = None
+        if model._needs_statistics():
+            task = ray.remote(**options)(_statistics_task)
+            refs = [task.remote(config_ref, fingerprint, shard, batch_size) for shard in shards]
+            for tensors in _in_order(ray, refs):
+                part = OnlineCovariance.from_tensors(tensors)
+                stats = part if stats is None else stats.merge(part)
+        model.finalize_statistics(stats)
+        projection = ray.put(stage_tensors(model))
+        task = ray.remote(**options)(_bank_task)
+        refs = [task.remote(config_ref, fingerprint, projection, shard, batch_size, total_patches) for shard in shards]
+        bank = None
+        for tensors in _in_order(ray, refs):
+            part = BankState.from_tensors(tensors)
+            bank = part if bank is None else bank.merge(part)
+    # GREEDY: the union of the shard coresets, reduced once more to the size one coreset over all
+    # patches has; KMEANS: finalize_bank's weighted k-means over the shard centroids; NONE: the union.
+    target = max(1, int(total_patches * float(model.coreset_percentage))) if bank.kind == "GREEDY" else None
+    model.finalize_bank(bank, target_rows=target)
+    model.n_train_images_ = len(paths)
+    model.n_passes_ = 2 if stats is not None else 1
+    model.n_shards_ = len(shards)
+    model.fit_state_ = FitState(stats, bank, len(paths))
+    return model

@@ -432,6 +432,15 @@ class MHPatchCore:
             np.concatenate(gt_masks) if has_masks else None,
         )
 
+    def fit_distributed(self, images: Any, ray_address: str | None = None, num_shards: int | None = None,
+                        batch_size: int = 8, max_retries: int = 3) -> "MHPatchCore":
+        """Fits on a Ray cluster (extra ``distributed``): the ONLINE fit with the image paths split into
+        shards, one task per shard. ``images``: image files or an MVTec ``(root, category)`` pair;
+        ``ray_address``: None starts a local Ray, "auto" or "ray://HOST:PORT" joins a cluster."""
+        from mhpc.distributed import fit_distributed
+
+        return fit_distributed(self, images, ray_address, num_shards, batch_size, max_retries)
+
     # ------------------------------------------------------------------ threshold
     def calibrate(self, dataloader: Iterable, quantile: float = 0.99) -> "MHPatchCore":
         """Sets ``threshold_`` from images of good parts that were not used for fit."""

@@ -50,18 +50,35 @@ def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def save_model(model: "MHPatchCore", path: str | os.PathLike) -> Path:
-    if not getattr(model, "is_fitted_", False):
-        raise NotFittedError("cannot save an unfitted MHPatchCore")
-    target = resolve_model_path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"memory_bank": model.memory_bank_.detach().cpu().float().contiguous()}
+def stage_tensors(model: "MHPatchCore") -> dict[str, torch.Tensor]:
+    """The fitted projection stages (PCA, whitening) as tensors: what a model file stores, and what a
+    distributed fit sends to its bank tasks."""
+    tensors = {}
     if hasattr(model.reduction_, "components_"):
         tensors["pca_mean"] = model.reduction_.mean_.cpu().contiguous()
         tensors["pca_components"] = model.reduction_.components_.cpu().contiguous()
     if hasattr(model.space_, "cholesky_"):
         tensors["whiten_mean"] = model.space_.mean_.cpu().contiguous()
         tensors["whiten_cholesky"] = model.space_.cholesky_.cpu().contiguous()
+    return tensors
+
+
+def set_stage_tensors(model: "MHPatchCore", tensors: dict[str, torch.Tensor]) -> "MHPatchCore":
+    """Sets the projection stages of a built model from ``stage_tensors`` and folds them into its map."""
+    if "pca_components" in tensors:
+        model.reduction_.set_state(tensors["pca_mean"], tensors["pca_components"])
+    if "whiten_cholesky" in tensors:
+        model.space_.set_state(tensors["whiten_mean"], tensors["whiten_cholesky"])
+    model._finish_projection()
+    return model
+
+
+def save_model(model: "MHPatchCore", path: str | os.PathLike) -> Path:
+    if not getattr(model, "is_fitted_", False):
+        raise NotFittedError("cannot save an unfitted MHPatchCore")
+    target = resolve_model_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"memory_bank": model.memory_bank_.detach().cpu().float().contiguous(), **stage_tensors(model)}
     state = {
         "grid_shape": list(model.grid_shape_),
         "n_train_images": model.n_train_images_,
@@ -129,11 +146,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
             f"{file} was fitted with different backbone weights than the ones loaded now "
             f"({model.backbone_.value}, pretrained={model.pretrained}, weights_path={model.weights_path})"
         )
-    if "pca_components" in tensors:
-        model.reduction_.set_state(tensors["pca_mean"], tensors["pca_components"])
-    if "whiten_cholesky" in tensors:
-        model.space_.set_state(tensors["whiten_mean"], tensors["whiten_cholesky"])
-    model._finish_projection()
+    set_stage_tensors(model, tensors)
     model.memory_bank_ = tensors["memory_bank"]
     model.grid_shape_ = tuple(state["grid_shape"])
     model.n_train_images_ = state["n_train_images"]

@@ -211,6 +211,7 @@ def fit_distributed(model: "MHPatchCore", images: Sequence[str | os.PathLike] | 
     from mhpc.fit_state import BankState, FitState
     from mhpc.mahalanobis import OnlineCovariance
 
+    import_ray()  # before any work: a missing extra is a one-line error, not a failure after the backbone loads
     paths = resolve_image_paths(images)
     model.begin_fit()
     if model._needs_statistics() and model.feature_reduction_.value == "PCA" and model.pca_solver != "covariance":

@@ -153,6 +153,7 @@ def predict_distributed(model_path: str | os.PathLike, input_shape: Sequence[int
 
 
 # ---------------------------------------------------------------- fit
+KMEANS_OVERSAMPLE = 4  # at most this many times k centroids reach the driver's weighted k-means
 _WORKER_MODEL: dict[str, Any] = {}  # one built model per worker process, reused by its later tasks
 
 
@@ -198,7 +199,16 @@ def _in_order(ray: Any, refs: list) -> Iterator[Any]:
     one, and the merge order (hence the rounding) does not depend on which task finished first."""
     for i in range(len(refs)):
         ref, refs[i] = refs[i], None  # the driver's reference goes as soon as the state is merged
-        yield ray.get(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, MHPCError):  # a user mistake in a task (unreadable image...): one line
+                raise MHPCError(str(exc.cause)) from None
+            raise
+        except ray.exceptions.RayError as exc:  # retries used up (worker or node lost every time)
+            raise MHPCError(f"shard {i + 1} of {len(refs)} failed on Ray after its retries: "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        yield result
 
 
 def fit_distributed(model: "MHPatchCore", images: Sequence[str | os.PathLike] | tuple[str, str],
@@ -220,7 +230,8 @@ def fit_distributed(model: "MHPatchCore", images: Sequence[str | os.PathLike] | 
     # k-means cluster count needs the total patch count before the bank pass.
     with torch.no_grad():
         model._embed(torch.zeros(1, 3, *model.input_shape, device=model.device_))
-    total_patches = len(paths) * model.grid_shape_[0] * model.grid_shape_[1]
+    per_image = model.grid_shape_[0] * model.grid_shape_[1]
+    total_patches = len(paths) * per_image
     config = {**model.get_config(), "progress": False}
     fingerprint = state_fingerprint(model.feature_extractor_)
     with ray_session(ray_address) as ray:
@@ -239,7 +250,12 @@ def fit_distributed(model: "MHPatchCore", images: Sequence[str | os.PathLike] | 
         model.finalize_statistics(stats)
         projection = ray.put(stage_tensors(model))
         task = ray.remote(**options)(_bank_task)
-        refs = [task.remote(config_ref, fingerprint, projection, shard, batch_size, total_patches) for shard in shards]
+        # A fractional k-means cluster count: each shard keeps min(shards, 4) times its share of the k
+        # clusters, so the union the driver reduces by weighted k-means holds at most 4k centroids, and a
+        # shard never keeps more centroids than patches. (GREEDY and NONE do not read this count.)
+        oversample = min(len(shards), KMEANS_OVERSAMPLE)
+        refs = [task.remote(config_ref, fingerprint, projection, shard, batch_size, len(shard) * per_image * oversample)
+                for shard in shards]
         bank = None
         for tensors in _in_order(ray, refs):
             part = BankState.from_tensors(tensors)

@@ -182,3 +182,12 @@ sys.exit(mhpc.cli.main(["fit", "--folder", {os.path.dirname(train[0])!r}, "--out
     assert proc.stderr.strip().splitlines()[-1] == (
         "mhpc fit: error: Ray is not installed; install the extra: pip install 'mhpc[distributed]'")
     assert not (tmp_path / "m").exists()
+
+
+def test_unreadable_image_in_a_shard_is_one_line_error(ray_local, data, tmp_path):
+    _, train = data
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(MHPCError, match=r"^cannot read image .*broken\.png") as exc:
+        _model(aggregation="GREEDY", **DEMO).fit_distributed([*train[:3], str(bad)], num_shards=2, batch_size=BATCH)
+    assert "\n" not in str(exc.value)

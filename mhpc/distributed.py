@@ -23,6 +23,7 @@ files as the single-process command, in input order.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -185,13 +186,27 @@ def _statistics_task(config: dict[str, Any], fingerprint: str, paths: list[str],
 
 
 def _bank_task(config: dict[str, Any], fingerprint: str, projection: dict[str, torch.Tensor],
-               paths: list[str], batch_size: int, expected_patches: int) -> dict[str, torch.Tensor]:
-    """One shard's bank pass in the driver's projection: the bank state as tensors."""
+               paths: list[str], batch_size: int, shard_clusters: int | None) -> dict[str, torch.Tensor]:
+    """One shard's bank pass in the driver's projection: the bank state as tensors. ``shard_clusters``:
+    this shard's k-means cluster count (KMEANS only)."""
     from mhpc.core.model_file import set_stage_tensors
 
     model = set_stage_tensors(_worker_model(config, fingerprint), projection)
-    bank = model.bank_pass(image_batches(paths, model.input_shape, batch_size), expected_patches)
-    return bank.to_tensors()
+    if shard_clusters is not None:
+        model.kmeans_clusters = int(shard_clusters)
+    return model.bank_pass(image_batches(paths, model.input_shape, batch_size)).to_tensors()
+
+
+def shard_cluster_counts(clusters: int | float, shard_patches: list[int]) -> list[int]:
+    """Each shard's k-means cluster count: min(shards, 4) times its share of the model's k clusters, so
+    the union the driver reduces by weighted k-means holds about min(shards, 4) k centroids whatever
+    the number of shards (one shard: exactly k), and no shard keeps more centroids than patches."""
+    from mhpc.memory_bank.kmeans import resolve_cluster_count
+
+    total = sum(shard_patches)
+    k = resolve_cluster_count(clusters, total)
+    oversample = min(len(shard_patches), KMEANS_OVERSAMPLE)
+    return [max(1, min(n, math.ceil(k * oversample * n / total))) for n in shard_patches]
 
 
 def _in_order(ray: Any, refs: list) -> Iterator[Any]:
@@ -250,12 +265,11 @@ def fit_distributed(model: "MHPatchCore", images: Sequence[str | os.PathLike] | 
         model.finalize_statistics(stats)
         projection = ray.put(stage_tensors(model))
         task = ray.remote(**options)(_bank_task)
-        # A fractional k-means cluster count: each shard keeps min(shards, 4) times its share of the k
-        # clusters, so the union the driver reduces by weighted k-means holds at most 4k centroids, and a
-        # shard never keeps more centroids than patches. (GREEDY and NONE do not read this count.)
-        oversample = min(len(shards), KMEANS_OVERSAMPLE)
-        refs = [task.remote(config_ref, fingerprint, projection, shard, batch_size, len(shard) * per_image * oversample)
-                for shard in shards]
+        clusters = [None] * len(shards)
+        if model.aggregation_.value == "KMEANS":
+            clusters = shard_cluster_counts(model.kmeans_clusters, [len(shard) * per_image for shard in shards])
+        refs = [task.remote(config_ref, fingerprint, projection, shard, batch_size, k)
+                for shard, k in zip(shards, clusters)]
         bank = None
         for tensors in _in_order(ray, refs):
             part = BankState.from_tensors(tensors)

@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_model
 from mhpc.data.datasets import MVTecDataset, make_loader
 from mhpc.data.synthetic import generate_benchmark
-from mhpc.distributed import image_batches, shard_paths
+from mhpc.distributed import image_batches, shard_cluster_counts, shard_paths
 from mhpc.errors import MHPCError
 from mhpc.metrics import image_auroc
 
@@ -60,6 +60,14 @@ def test_shards_are_contiguous_and_even():
     assert shard_paths(["a", "b"], 5) == [["a"], ["b"]]
     with pytest.raises(MHPCError, match="num_shards"):
         shard_paths(["a"], 0)
+
+
+def test_shard_cluster_counts_bound_what_the_driver_merges():
+    assert shard_cluster_counts(100, [1000]) == [100]  # one shard: the model's own k
+    assert shard_cluster_counts(100, [500, 500]) == [100, 100]  # 2 shards: 2x their half
+    many = shard_cluster_counts(100, [100] * 64)
+    assert sum(many) <= 4 * 100 + 64 and max(many) <= 100  # 4k (+ rounding), not 64k
+    assert shard_cluster_counts(0.5, [10, 10, 10, 10, 10]) == [10] * 5  # never more than a shard's patches
 
 
 def test_statistics_and_none_bank_equal_the_online_fit(ray_local, data):

@@ -23,6 +23,7 @@ files as the single-process command, in input order.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import tempfile
@@ -141,6 +142,8 @@ def predict_distributed(model_path: str | os.PathLike, input_shape: Sequence[int
     with ray_session(ray_address) as ray:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
+        if not progress:
+            logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-run INFO lines with --quiet
         workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         blob = ray.put(file.read_bytes())
         rows = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(paths)])
@@ -209,10 +212,12 @@ def shard_cluster_counts(clusters: int | float, shard_patches: list[int]) -> lis
     return [max(1, min(n, math.ceil(k * oversample * n / total))) for n in shard_patches]
 
 
-def _in_order(ray: Any, refs: list) -> Iterator[Any]:
+def _in_order(ray: Any, refs: list, desc: str, progress: bool) -> Iterator[Any]:
     """Task results in shard order, one at a time: the driver holds one shard's state besides the merged
     one, and the merge order (hence the rounding) does not depend on which task finished first."""
-    for i in range(len(refs)):
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(len(refs)), desc=desc, unit="shard", disable=not progress, leave=False):
         ref, refs[i] = refs[i], None  # the driver's reference goes as soon as the state is merged
         try:
             result = ray.get(ref)
@@ -259,7 +264,7 @@ def fit_distributed(model: "MHPatchCore", images: Sequence[str | os.PathLike] | 
         if model._needs_statistics():
             task = ray.remote(**options)(_statistics_task)
             refs = [task.remote(config_ref, fingerprint, shard, batch_size) for shard in shards]
-            for tensors in _in_order(ray, refs):
+            for tensors in _in_order(ray, refs, "Ray pass 1/2: statistics", model.progress):
                 part = OnlineCovariance.from_tensors(tensors)
                 stats = part if stats is None else stats.merge(part)
         model.finalize_statistics(stats)
@@ -271,7 +276,7 @@ def fit_distributed(model: "MHPatchCore", images: Sequence[str | os.PathLike] | 
         refs = [task.remote(config_ref, fingerprint, projection, shard, batch_size, k)
                 for shard, k in zip(shards, clusters)]
         bank = None
-        for tensors in _in_order(ray, refs):
+        for tensors in _in_order(ray, refs, "Ray pass: memory bank", model.progress):
             part = BankState.from_tensors(tensors)
             bank = part if bank is None else bank.merge(part)
     # GREEDY: the union of the shard coresets, reduced once more to the size one coreset over all

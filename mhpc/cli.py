@@ -75,20 +75,49 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _cmd_fit(args: argparse.Namespace) -> None:
-    import torch
-
-    from mhpc.data.datasets import FolderDataset, MVTecDataset, SampleDataset, make_loader
+    from mhpc.data.datasets import make_loader
     from mhpc.evaluation import build_model
 
+    _check_holdout(args)
+    if args.shards is not None and args.ray is None:
+        raise MHPCError("--shards needs --ray")
+    fit_ds, hold_ds = _good_images(args)
+    model = build_model(_model_config(args))
+    start = time.perf_counter()
+    if args.ray is not None:
+        model.fit_distributed([str(s.image) for s in fit_ds.samples], ray_address=args.ray or None,
+                              num_shards=args.shards, batch_size=args.batch_size)
+    else:
+        model.fit(make_loader(fit_ds, args.batch_size))
+    if hold_ds is not None:
+        model.calibrate(make_loader(hold_ds, args.batch_size), quantile=args.threshold_quantile)
+    model.save(args.out)
+    n_hold = len(hold_ds) if hold_ds is not None else 0
+    threshold = getattr(model, "threshold_", None)
+    print(f"fitted on {len(fit_ds)} images in {time.perf_counter() - start:.1f} s; memory bank "
+          f"{tuple(model.memory_bank_.shape)}; threshold {threshold if threshold is None else f'{threshold:.4g}'} "
+          f"(from {n_hold} held-out good images); saved {args.out}")
+
+
+def _check_holdout(args: argparse.Namespace) -> None:
     # Checked before any work, so a typo never costs a whole fit.
     if not 0.0 <= args.holdout < 1.0:
         raise MHPCError(f"--holdout must be in [0, 1), got {args.holdout}")
     if not 0.0 < args.threshold_quantile <= 1.0:
         raise MHPCError(f"--threshold-quantile must be in (0, 1], got {args.threshold_quantile}")
+
+
+def _good_images(args: argparse.Namespace, crop: int = 224):
+    """(images to fit on, held-out images for the threshold or None) from --folder or --data/--category."""
+    import torch
+
+    from mhpc.data.datasets import FolderDataset, MVTecDataset, SampleDataset
+
+    resize = round(crop * 256 / 224)
     if args.folder:
-        full = FolderDataset(args.folder)
+        full = FolderDataset(args.folder, resize=resize, crop=crop)
     elif args.data and args.category:
-        full = MVTecDataset(args.data, args.category, "train")
+        full = MVTecDataset(args.data, args.category, "train", resize=resize, crop=crop)
     else:
         raise MHPCError("give --data ROOT --category C (MVTec layout) or --folder DIR_OF_GOOD_IMAGES")
     n = len(full)
@@ -97,24 +126,33 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         raise MHPCError(f"need more training images: {n} found, {n_hold} held out for the threshold")
     # Every k-th image is held out (deterministic, spread over the folder) to calibrate the threshold.
     hold_idx = set(torch.linspace(0, n - 1, n_hold).round().long().tolist()) if n_hold else set()
-    fit_ds = SampleDataset([s for i, s in enumerate(full.samples) if i not in hold_idx])
-    if args.shards is not None and args.ray is None:
-        raise MHPCError("--shards needs --ray")
-    model = build_model(_model_config(args))
+    fit_ds = SampleDataset([s for i, s in enumerate(full.samples) if i not in hold_idx], resize, crop)
+    hold_ds = SampleDataset([s for i, s in enumerate(full.samples) if i in hold_idx], resize, crop) if n_hold else None
+    return fit_ds, hold_ds
+
+
+def _cmd_update(args: argparse.Namespace) -> None:
+    from mhpc.core.mh_patch_core import MHPatchCore
+    from mhpc.data.datasets import make_loader
+
+    _check_holdout(args)
+    model = MHPatchCore.load(args.model, device=args.device)
+    if getattr(model, "fit_state_", None) is None:
+        raise MHPCError(f"{args.model} was saved without its fit state (keep_fit_state=False), so it cannot be "
+                        "updated; refit it with mhpc fit")
+    model.progress = not args.quiet
+    fit_ds, hold_ds = _good_images(args, crop=model.input_shape[0])
+    before = model.n_train_images_
     start = time.perf_counter()
-    if args.ray is not None:
-        model.fit_distributed([str(s.image) for s in fit_ds.samples], ray_address=args.ray or None,
-                              num_shards=args.shards, batch_size=args.batch_size)
-    else:
-        model.fit(make_loader(fit_ds, args.batch_size))
-    if hold_idx:
-        hold_ds = SampleDataset([s for i, s in enumerate(full.samples) if i in hold_idx])
-        model.calibrate(make_loader(hold_ds, args.batch_size), quantile=args.threshold_quantile)
-    model.save(args.out)
+    hold = make_loader(hold_ds, args.batch_size) if hold_ds is not None else None
+    model.update(make_loader(fit_ds, args.batch_size), hold, args.threshold_quantile)
+    out = args.out or args.model
+    model.save(out)  # atomic: a temporary file renamed over the target, never a half-written model
     threshold = getattr(model, "threshold_", None)
-    print(f"fitted on {len(fit_ds)} images in {time.perf_counter() - start:.1f} s; memory bank "
-          f"{tuple(model.memory_bank_.shape)}; threshold {threshold if threshold is None else f'{threshold:.4g}'} "
-          f"(from {len(hold_idx)} held-out good images); saved {args.out}")
+    note = "recalibrated" if hold_ds is not None else "kept"
+    print(f"updated with {len(fit_ds)} images ({before} -> {model.n_train_images_}) in "
+          f"{time.perf_counter() - start:.1f} s; memory bank {tuple(model.memory_bank_.shape)}; threshold "
+          f"{threshold if threshold is None else f'{threshold:.4g}'} ({note}); saved {out}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -213,6 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     _add_quiet(p)
     p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("update", help="add new good images to a fitted model (statistics merged, bank extended)")
+    p.add_argument("--model", required=True, help="model folder or .safetensors file saved with its fit state")
+    p.add_argument("--data", help="MVTec AD layout root")
+    p.add_argument("--category", help="category folder under --data")
+    p.add_argument("--folder", help="a plain folder of new good images instead of --data/--category")
+    p.add_argument("--out", help="where to write the updated model (default: atomically over --model)")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of the new images held out to recalibrate the threshold (0: keep the threshold)")
+    p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=8)
+    _add_quiet(p)
+    p.set_defaults(func=_cmd_update)
 
     p = sub.add_parser("predict", help="score images with a saved model: scores.csv, maps/*.npy, overlays/*.png")
     p.add_argument("--model", required=True, help="model folder or .safetensors file")

@@ -583,11 +583,15 @@ class MHPatchCore:
         return self
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | PathLike) -> None:
-        """Writes the configuration and all fitted state to a safetensors file, atomically."""
+    def save(self, path: str | PathLike, keep_fit_state: bool = True) -> None:
+        """Writes the configuration and all fitted state to a safetensors file, atomically.
+
+        ``keep_fit_state`` (default True) also stores the fit state that ``update`` needs: the raw
+        feature statistics (D x D float64) and the k-means counts, a few MB; without it the file is
+        smaller but the model can only be refitted, not updated."""
         from mhpc.core.model_file import save_model
 
-        save_model(self, path)
+        save_model(self, path, keep_fit_state)
 
     @classmethod
     def load(cls, path: str | PathLike, device: torch.device | str | None = None) -> "MHPatchCore":

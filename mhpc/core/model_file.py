@@ -3,7 +3,9 @@
 Metadata keys: ``format`` ("mhpc-model"), ``format_version``, ``mhpc_version``, ``config`` (JSON of
 the constructor arguments), ``state`` (JSON of small fitted values: grid, threshold, backbone
 fingerprint), and ``sha256`` over all of the above and every tensor's bytes, so that a tampered
-file is refused. The file is written to a temporary name, fsynced and renamed (atomic on POSIX).
+file is refused. Optional tensors named ``fit_state.*`` hold the mergeable fit state that ``update``
+needs (mhpc/fit_state.py; the bank rows are not repeated, they are ``memory_bank``); files without
+them load as before and only refuse ``update``. The file is written to a temporary name, fsynced and renamed (atomic on POSIX).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from safetensors.torch import save_file
 
 import mhpc
 from mhpc.core.backbones import state_fingerprint
-from mhpc.errors import ModelFileError, NotFittedError
+from mhpc.errors import MHPCError, ModelFileError, NotFittedError
+from mhpc.fit_state import FitState, has_fit_state
 
 if TYPE_CHECKING:
     from mhpc.core.mh_patch_core import MHPatchCore
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 FORMAT = "mhpc-model"
 FORMAT_VERSION = 1
 MODEL_FILENAME = "model.safetensors"
+FIT_STATE_PREFIX = "fit_state."
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
@@ -73,12 +77,14 @@ def set_stage_tensors(model: "MHPatchCore", tensors: dict[str, torch.Tensor]) ->
     return model
 
 
-def save_model(model: "MHPatchCore", path: str | os.PathLike) -> Path:
+def save_model(model: "MHPatchCore", path: str | os.PathLike, keep_fit_state: bool = True) -> Path:
     if not getattr(model, "is_fitted_", False):
         raise NotFittedError("cannot save an unfitted MHPatchCore")
     target = resolve_model_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"memory_bank": model.memory_bank_.detach().cpu().float().contiguous(), **stage_tensors(model)}
+    if keep_fit_state and getattr(model, "fit_state_", None) is not None:
+        tensors.update(model.fit_state_.to_tensors(FIT_STATE_PREFIX, rows=False))
     state = {
         "grid_shape": list(model.grid_shape_),
         "n_train_images": model.n_train_images_,
@@ -148,6 +154,11 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
         )
     set_stage_tensors(model, tensors)
     model.memory_bank_ = tensors["memory_bank"]
+    if has_fit_state(tensors, FIT_STATE_PREFIX):
+        try:
+            model.fit_state_ = FitState.from_tensors(tensors, FIT_STATE_PREFIX, rows=model.memory_bank_)
+        except MHPCError as exc:
+            raise ModelFileError(f"{file} has an unreadable fit state: {exc}") from None
     model.grid_shape_ = tuple(state["grid_shape"])
     model.n_train_images_ = state["n_train_images"]
     if state.get("threshold") is not None:

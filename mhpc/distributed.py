@@ -60,7 +60,8 @@ def ray_session(address: str | None = None) -> Iterator[Any]:
         yield ray
         return
     try:
-        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        # "local": a new instance even when RAY_ADDRESS is set or another cluster runs on this machine.
+        ray.init(address=address or "local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise MHPCError(f"cannot connect to Ray at {address or 'a new local instance'}: {exc}") from None
     try:

@@ -27,7 +27,7 @@ _RESULTS: dict = {}  # distributed fits shared between tests (each fit costs sec
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray", reason="the 'distributed' extra (Ray) is not installed")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -159,15 +159,20 @@ def test_cli_fit_on_ray(ray_local, data, tmp_path, capsys):
     from mhpc.cli import main
     from mhpc.core.mh_patch_core import MHPatchCore
 
-    root, _ = data
-    fast = ["--backbone", "resnet18", "--random-init", "--quiet", "--batch-size", "4"]
+    _, train = data
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for path in train[:5]:  # 224-px images through the CLI: few of them
+        (folder / os.path.basename(path)).write_bytes(open(path, "rb").read())
+    fast = ["--folder", str(folder), "--backbone", "resnet18", "--random-init", "--quiet", "--batch-size", "2",
+            "--holdout", "0.2"]
     out = tmp_path / "m"
-    assert main(["fit", "--data", str(root), "--category", "grass", "--out", str(out), "--shards", "2", *fast]) == 2
+    assert main(["fit", "--out", str(out), "--shards", "2", *fast]) == 2
     assert "--shards needs --ray" in capsys.readouterr().err
-    assert main(["fit", "--data", str(root), "--category", "grass", "--out", str(out), "--ray", "--shards", "2",
-                 "--aggregation", "KMEANS", *fast]) == 0
+    assert main(["fit", "--out", str(out), "--ray", "--shards", "2", "--aggregation", "KMEANS", *fast]) == 0
     model = MHPatchCore.load(out)
-    assert model.n_train_images_ == 11 and model.threshold_ > 0  # one of 12 held out for the threshold
+    assert model.n_train_images_ == 4 and model.threshold_ > 0  # one of 5 held out for the threshold
+    assert model.fit_state_.bank.kind == "KMEANS"
 
 
 def test_core_package_works_without_ray(data, tmp_path):

@@ -3,7 +3,8 @@
 `ray start --head` (1 CPU, its own object store), then a second `ray start --address ...` node with
 its own CPU and object store. Measured side by side in one run, each in a fresh process (so each
 peak RSS is its own):
-  - single-process ONLINE fit and predict (the reference path);
+  - single-process ONLINE fit and predict (the reference path), with 2 threads and with 1 thread (as a
+    1-CPU Ray worker runs);
   - the distributed fit and Ray Data predict through the cluster with 1 worker (head node only),
     then with 2 workers (head + second node);
   - the driver's peak RSS against the total size of the patch features, at two training-set sizes.
@@ -96,12 +97,14 @@ def child_fit(data: str, n: int, address: str, model_out: str) -> dict:
 
     paths = _train_paths(data, n)
     model = MHPatchCore(**CONFIG)
-    if address != "single":
+    if address == "single-1":  # one thread, as in each Ray worker (1 CPU: OMP_NUM_THREADS=1)
+        torch.set_num_threads(1)
+    elif address != "single":
         import ray
 
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)  # connecting is not timed
     start = time.perf_counter()
-    if address == "single":
+    if address.startswith("single"):
         model.fit(image_batches(paths, model.input_shape, BATCH))
     else:
         model.fit_distributed(paths, batch_size=BATCH)  # uses the connection made above
@@ -118,7 +121,11 @@ def child_predict(data: str, model_dir: str, address: str, out: str) -> dict:
 
     argv = ["predict", "--model", model_dir, "--images", *_test_paths(data), "--out", out, "--quiet"]
     start = time.perf_counter()
-    if address == "single":
+    if address.startswith("single"):
+        if address == "single-1":
+            import torch
+
+            torch.set_num_threads(1)
         assert main(argv) == 0
     else:
         import ray
@@ -156,10 +163,11 @@ def main() -> None:
     rows = []
 
     def measure(label: str, addr: str, n: int) -> None:
-        model_dir = str(work / f"model-{label}-{n}")
-        fit = run_child(script, ["--child", "fit", str(data), str(n), addr, model_dir], env=_env())
-        pred = run_child(script, ["--child", "predict", str(data), model_dir, addr, str(work / f"pred-{label}-{n}")],
-                         env=_env())
+        model_dir = str(work / f"model-{addr}-{n}")
+        env = _env() if addr != "single-1" else {**_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        fit = run_child(script, ["--child", "fit", str(data), str(n), addr, model_dir], env=env)
+        pred = run_child(script, ["--child", "predict", str(data), model_dir, addr, str(work / f"pred-{addr}-{n}")],
+                         env=env)
         row = {"path": label, "n_train": n, **fit, "predict_s": pred["predict_s"], "n_test": pred["images"],
                "predict_rss_mb": pred["peak_rss_mb"]}
         rows.append(row)
@@ -169,6 +177,7 @@ def main() -> None:
     try:
         for n in args.n_train:
             measure("single-process", "single", n)
+            measure("single-process, 1 thread", "single-1", n)
         _ray_start(["--head", "--port", str(PORT), "--num-cpus", "1", "--include-dashboard=false"], started)
         for n in args.n_train:
             measure("ray, 1 worker", address, n)

@@ -241,6 +241,7 @@ def fit_distributed(model: "MHPatchCore", images: Sequence[str | os.PathLike] | 
     from mhpc.core.model_file import stage_tensors
     from mhpc.fit_state import BankState, FitState
     from mhpc.mahalanobis import OnlineCovariance
+    from mhpc.memory_bank.kmeans import resolve_cluster_count
 
     import_ray()  # before any work: a missing extra is a one-line error, not a failure after the backbone loads
     paths = resolve_image_paths(images)
@@ -281,8 +282,13 @@ def fit_distributed(model: "MHPatchCore", images: Sequence[str | os.PathLike] | 
             part = BankState.from_tensors(tensors)
             bank = part if bank is None else bank.merge(part)
     # GREEDY: the union of the shard coresets, reduced once more to the size one coreset over all
-    # patches has; KMEANS: finalize_bank's weighted k-means over the shard centroids; NONE: the union.
-    target = max(1, int(total_patches * float(model.coreset_percentage))) if bank.kind == "GREEDY" else None
+    # patches has; KMEANS: weighted k-means over the shard centroids to the model's k of the exact patch
+    # count (sklearn's counts overstate it after centre reassignments); NONE: the union.
+    target = None
+    if bank.kind == "GREEDY":
+        target = max(1, int(total_patches * float(model.coreset_percentage)))
+    elif bank.kind == "KMEANS":
+        target = resolve_cluster_count(model.kmeans_clusters, total_patches)
     model.finalize_bank(bank, target_rows=target)
     model.n_train_images_ = len(paths)
     model.n_passes_ = 2 if stats is not None else 1

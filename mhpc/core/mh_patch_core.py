@@ -381,10 +381,12 @@ class MHPatchCore:
             return aggregator.state()
 
     def finalize_bank(self, bank: BankState, target_rows: int | None = None) -> "MHPatchCore":
-        """Sets the memory bank and the scorer. Merged KMEANS shards are reduced to the cluster count by
-        weighted k-means; merged GREEDY shards to ``target_rows`` by one more greedy selection."""
+        """Sets the memory bank and the scorer. Merged KMEANS shards are reduced to the cluster count
+        (``target_rows`` when the caller knows the patch count, else from the counts) by weighted k-means;
+        merged GREEDY shards to ``target_rows`` by one more greedy selection."""
         if bank.kind == "KMEANS":
-            k = resolve_cluster_count(self.kmeans_clusters, max(1, int(round(float(bank.counts.sum())))))
+            k = int(target_rows) if target_rows is not None else resolve_cluster_count(
+                self.kmeans_clusters, max(1, int(round(float(bank.counts.sum())))))
             reduced = reduce_centroids(bank, k, self.seed)
             bank.rows, bank.counts = reduced.rows, reduced.counts
         elif bank.kind == "GREEDY" and target_rows is not None:

@@ -83,7 +83,7 @@ def test_merged_kmeans_shards_reduce_to_the_cluster_count(tiny_set):
 def test_kmeans_resume_continues_like_an_uninterrupted_partial_fit():
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 5)) * 20
-    x = (centres[np.tile(np.arange(4), 400)] + rng.normal(size=(1600, 5))).astype(np.float32)
+    x = centres[np.tile(np.arange(4), 400)] + rng.normal(size=(1600, 5))
     straight = KMeansBank(4, batch_size=400, seed=0, expected_patches=1600)
     straight.partial_fit(torch.from_numpy(x[:800]))  # the buffer emits 400 rows, keeps 400
     stopped = KMeansBank(4, batch_size=400, seed=0, expected_patches=1600)

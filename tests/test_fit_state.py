@@ -254,3 +254,15 @@ def test_fit_state_object_round_trip(tiny_set):
     back = FitState.from_tensors(tensors)
     _assert_same_stats(back.statistics, model.fit_state_.statistics)
     assert torch.equal(back.bank.counts, model.fit_state_.bank.counts) and back.n_images == 12
+
+
+def test_update_with_the_incremental_solver_keeps_its_basis_and_refit_starts_clean(tiny_set):
+    train, test, _ = tiny_set
+    a, b = _split(train)
+    model = tiny_model(**STATS_CONFIG, pca_solver="incremental").fit(a)
+    components = model.reduction_.components_.clone()
+    model.update(b)
+    assert torch.equal(model.reduction_.components_, components)
+    assert model.fit_state_.statistics.count == 12 * 64
+    model.fit(a)  # a second fit on the same object starts from scratch
+    assert model.fit_state_.statistics.count == 8 * 64 and model.n_train_images_ == 8

@@ -83,7 +83,7 @@ def test_merged_kmeans_shards_reduce_to_the_cluster_count(tiny_set):
 def test_kmeans_resume_continues_like_an_uninterrupted_partial_fit():
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 5)) * 20
-    x = (centres[np.tile(np.arange(4), 400)] + rng.normal(size=(1600, 5))).astype(np.float32)
+    x = centres[np.tile(np.arange(4), 400)] + rng.normal(size=(1600, 5))
     straight = KMeansBank(4, batch_size=400, seed=0, expected_patches=1600)
     straight.partial_fit(torch.from_numpy(x[:800]))  # the buffer emits 400 rows, keeps 400
     stopped = KMeansBank(4, batch_size=400, seed=0, expected_patches=1600)
@@ -254,3 +254,15 @@ def test_fit_state_object_round_trip(tiny_set):
     back = FitState.from_tensors(tensors)
     _assert_same_stats(back.statistics, model.fit_state_.statistics)
     assert torch.equal(back.bank.counts, model.fit_state_.bank.counts) and back.n_images == 12
+
+
+def test_update_with_the_incremental_solver_keeps_its_basis_and_refit_starts_clean(tiny_set):
+    train, test, _ = tiny_set
+    a, b = _split(train)
+    model = tiny_model(**STATS_CONFIG, pca_solver="incremental").fit(a)
+    components = model.reduction_.components_.clone()
+    model.update(b)
+    assert torch.equal(model.reduction_.components_, components)
+    assert model.fit_state_.statistics.count == 12 * 64
+    model.fit(a)  # a second fit on the same object starts from scratch
+    assert model.fit_state_.statistics.count == 8 * 64 and model.n_train_images_ == 8

@@ -299,6 +299,7 @@ class MHPatchCore:
         self._validate()
         self._build()
         self.is_fitted_ = False
+        self.__dict__.pop("fit_state_", None)  # a refit never keeps a previous fit's state
         return self
 
     def _needs_statistics(self) -> bool:
@@ -320,11 +321,12 @@ class MHPatchCore:
             yield feats
 
     def statistics_pass(self, loader: Iterable, keep: list[torch.Tensor] | None = None,
-                        desc: str = "statistics") -> OnlineCovariance | None:
+                        desc: str = "statistics", fit_pca: bool = True) -> OnlineCovariance | None:
         """One pass: the raw-feature statistics (None when neither PCA nor MAHALANOBIS is on).
-        ``keep`` collects the raw feature batches too (aggregation NONE needs no second pass)."""
+        ``keep`` collects the raw feature batches too (aggregation NONE needs no second pass);
+        ``fit_pca=False`` leaves the incremental solver's PCA alone (update keeps the basis)."""
         sink: dict[str, Any] = {}
-        for feats in self._statistics_tap(self._stream(loader, desc), sink, fit_pca=not hasattr(self, "fit_state_")):
+        for feats in self._statistics_tap(self._stream(loader, desc), sink, fit_pca):
             if keep is not None:
                 keep.append(feats.cpu())
         return sink.get("stats")
@@ -408,7 +410,7 @@ class MHPatchCore:
             return None, self.bank_pass(loader, resume=resume, desc="Pass 1/1: memory bank")
         self.n_passes_ = 1 if keep_all else 2
         kept: list[torch.Tensor] | None = [] if keep_all else None
-        stats = self.statistics_pass(loader, kept, f"Pass 1/{self.n_passes_}: statistics")
+        stats = self.statistics_pass(loader, kept, f"Pass 1/{self.n_passes_}: statistics", fit_pca=fit_state is None)
         if fit_state is None:
             self.finalize_statistics(stats)
         else:  # update: the PCA basis stays, the whitening is refreshed from the merged statistics

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -48,6 +47,12 @@ def _model_config(args: argparse.Namespace) -> dict[str, Any]:
     cfg["progress"] = not args.quiet
     cfg["device"] = args.device
     return cfg
+
+
+def _add_ray_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run on Ray (pip install 'mhpc[distributed]'): no ADDRESS starts a local Ray, "
+                        "'auto' joins the running cluster, 'ray://HOST:PORT' a remote one")
 
 
 def _add_quiet(p: argparse.ArgumentParser) -> None:
@@ -100,65 +105,130 @@ def _preprocessing(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, A
 
 
 def _cmd_fit(args: argparse.Namespace) -> None:
-    import torch
-
     from mhpc.core.model_file import MODEL_FILENAME
-    from mhpc.data.datasets import FolderDataset, MVTecDataset, make_loader
-    from mhpc.data.tiling import maybe_tiled, score_dataset
+    from mhpc.data.datasets import make_loader
+    from mhpc.data.tiling import maybe_tiled
     from mhpc.evaluation import build_model
     from mhpc.outputs import output_folder
     from mhpc.validation import check_batch_size
 
     # Everything is checked before any work, so a typo or a bad file never costs a whole fit.
+    _check_holdout(args)
+    if args.shards is not None and args.ray is None:
+        raise MHPCError("--shards needs --ray")
+    if args.ray is not None and args.tile:
+        raise MHPCError("--tile cannot be combined with --ray: a distributed fit reads whole images")
+    if args.ray is not None:
+        from mhpc.distributed import import_ray
+
+        import_ray()  # a missing extra is one line before any work
+    batch_size = check_batch_size(args.batch_size)
+    cfg = _model_config(args)
+    pre = _preprocessing(args, cfg)
+    model = build_model(cfg)
+    model._validate()
+    full, fit_idx, hold_idx = _good_images(args, pre)
+    fit_ds = maybe_tiled(full.subset(fit_idx), args.tile, args.tile_overlap)
+    with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,)) as out:
+        start = time.perf_counter()
+        if args.ray is not None:
+            model.fit_distributed([str(full.samples[i].image) for i in fit_idx], ray_address=args.ray or None,
+                                  num_shards=args.shards, batch_size=batch_size, preprocessing=full.preprocessing)
+        else:
+            model.fit(make_loader(fit_ds, batch_size))
+        if hold_idx:
+            _calibrate(model, maybe_tiled(full.subset(hold_idx), args.tile, args.tile_overlap), batch_size,
+                       args.threshold_quantile)
+        model.save(out)
+    threshold = getattr(model, "threshold_", None)
+    tiles = f" ({len(fit_ds)} tiles)" if args.tile else ""
+    print(f"fitted on {len(fit_idx)} images{tiles} in {time.perf_counter() - start:.1f} s; memory bank "
+          f"{tuple(model.memory_bank_.shape)}; threshold {threshold if threshold is None else f'{threshold:.4g}'} "
+          f"(from {len(hold_idx)} held-out good images); saved {Path(args.out) / MODEL_FILENAME}")
+
+
+def _check_holdout(args: argparse.Namespace) -> None:
     if not 0.0 <= args.holdout < 1.0:
         raise MHPCError(f"--holdout must be in [0, 1), got {args.holdout}")
     if not 0.0 < args.threshold_quantile <= 1.0:
         raise MHPCError(f"--threshold-quantile must be in (0, 1], got {args.threshold_quantile}")
-    batch_size = check_batch_size(args.batch_size)
-    cfg = _model_config(args)
-    pre = _preprocessing(args, cfg)
+
+
+def _good_images(args: argparse.Namespace, pre: dict[str, Any]):
+    """(validated dataset, indices to fit on, held-out indices for the threshold) from --folder or
+    --data/--category. Every k-th image is held out (deterministic, spread over the folder)."""
+    import torch
+
+    from mhpc.data.datasets import FolderDataset, MVTecDataset
+
     if args.folder:
         full = FolderDataset(args.folder, preprocessing=pre)
     elif args.data and args.category:
         full = MVTecDataset(args.data, args.category, "train", preprocessing=pre)
     else:
         raise MHPCError("give --data ROOT --category C (MVTec layout) or --folder DIR_OF_GOOD_IMAGES")
-    model = build_model(cfg)
-    model._validate()
     full.validate()
     n = len(full)
     n_hold = max(1, round(args.holdout * n)) if args.holdout > 0 else 0
     if n - n_hold < 1:
         raise MHPCError(f"need more training images: {n} found, {n_hold} held out for the threshold")
-    # Every k-th image is held out (deterministic, spread over the folder) to calibrate the threshold.
-    hold_idx = set(torch.linspace(0, n - 1, n_hold).round().long().tolist()) if n_hold else set()
-    fit_ds = maybe_tiled(full.subset([i for i in range(n) if i not in hold_idx]), args.tile, args.tile_overlap)
-    with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,)) as out:
-        start = time.perf_counter()
-        model.fit(make_loader(fit_ds, batch_size))
-        if hold_idx:
-            hold_ds = maybe_tiled(full.subset(sorted(hold_idx)), args.tile, args.tile_overlap)
-            model.calibrate_scores([score for _, score, _, _ in score_dataset(model, hold_ds, batch_size)],
-                                   quantile=args.threshold_quantile)
-        model.save(out)
+    hold_idx = sorted(set(torch.linspace(0, n - 1, n_hold).round().long().tolist())) if n_hold else []
+    held = set(hold_idx)
+    return full, [i for i in range(n) if i not in held], hold_idx
+
+
+def _calibrate(model: Any, hold_ds: Any, batch_size: int, quantile: float) -> None:
+    """The threshold from held-out good images' image scores (each image's max over tiles when tiled)."""
+    from mhpc.data.tiling import score_dataset
+
+    model.calibrate_scores([score for _, score, _, _ in score_dataset(model, hold_ds, batch_size)], quantile=quantile)
+
+
+def _cmd_update(args: argparse.Namespace) -> None:
+    from mhpc.core.mh_patch_core import MHPatchCore
+    from mhpc.core.model_file import MODEL_FILENAME
+    from mhpc.data.datasets import make_loader
+    from mhpc.data.transforms import make_preprocessing
+    from mhpc.outputs import output_folder
+    from mhpc.validation import check_batch_size
+
+    _check_holdout(args)
+    batch_size = check_batch_size(args.batch_size)
+    model = MHPatchCore.load(args.model, device=args.device)
+    if getattr(model, "fit_state_", None) is None:
+        raise MHPCError(f"{args.model} was saved without its fit state (keep_fit_state=False), so it cannot be "
+                        "updated; refit it with mhpc fit")
+    model.progress = not args.quiet
+    # Models saved before the preprocessing was recorded were fitted with the MVTec protocol.
+    pre = model.preprocessing_ or make_preprocessing(tuple(model.input_shape), "center")
+    if pre.get("tile"):
+        raise MHPCError(f"{args.model} was fitted on tiles; mhpc update reads whole images, so refit it with mhpc fit")
+    full, fit_idx, hold_idx = _good_images(args, pre)
+    before = model.n_train_images_
+    start = time.perf_counter()
+    hold = make_loader(full.subset(hold_idx), batch_size) if hold_idx else None
+    if args.out:
+        with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,)) as out:
+            model.update(make_loader(full.subset(fit_idx), batch_size), hold, args.threshold_quantile)
+            target = model.save(out)
+    else:
+        model.update(make_loader(full.subset(fit_idx), batch_size), hold, args.threshold_quantile)
+        target = model.save(args.model)  # atomic: a temporary file renamed over the model, never half-written
     threshold = getattr(model, "threshold_", None)
-    tiles = f" ({len(fit_ds)} tiles)" if args.tile else ""
-    print(f"fitted on {n - len(hold_idx)} images{tiles} in {time.perf_counter() - start:.1f} s; memory bank "
-          f"{tuple(model.memory_bank_.shape)}; threshold {threshold if threshold is None else f'{threshold:.4g}'} "
-          f"(from {len(hold_idx)} held-out good images); saved {Path(args.out) / MODEL_FILENAME}")
+    note = "recalibrated" if hold_idx else "kept"
+    print(f"updated with {len(fit_idx)} images ({before} -> {model.n_train_images_}) in "
+          f"{time.perf_counter() - start:.1f} s; memory bank {tuple(model.memory_bank_.shape)}; threshold "
+          f"{threshold if threshold is None else f'{threshold:.4g}'} ({note}); saved {target}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    import numpy as np
-    from PIL import Image
-
     from mhpc.core.mh_patch_core import MHPatchCore
+    from mhpc.core.model_file import resolve_model_path
     from mhpc.data.datasets import ImageFilesDataset
     from mhpc.data.tiling import TiledDataset, score_dataset
     from mhpc.data.transforms import make_preprocessing
-    from mhpc.core.model_file import resolve_model_path
-    from mhpc.outputs import atomic_write_csv, output_folder, output_names, refuse_inputs_inside, with_suffix_added
-    from mhpc.report import overlay
+    from mhpc.outputs import output_folder, refuse_inputs_inside
+    from mhpc.prediction import PredictionWriter
     from mhpc.validation import check_batch_size
 
     batch_size = check_batch_size(args.batch_size)
@@ -166,27 +236,25 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     model.progress = not args.quiet
     # Models saved before the preprocessing was recorded were fitted with the MVTec protocol.
     pre = model.preprocessing_ or make_preprocessing(tuple(model.input_shape), "center")
+    if args.ray is not None and pre.get("tile"):
+        raise MHPCError("--ray cannot score a tiled model: Ray scoring reads whole images")
     base = ImageFilesDataset(args.images, preprocessing=pre).validate()
     ds = TiledDataset(base, *pre["tile"]) if pre.get("tile") else base
     threshold = getattr(model, "threshold_", None)
     paths = [str(s.image) for s in base.samples]
     refuse_inputs_inside(args.out, [resolve_model_path(args.model)], "model")
     refuse_inputs_inside(args.out, paths, "image")
-    names = output_names(paths)
-    rows = []
     with output_folder(args.out, args.overwrite) as out:
-        for k, score, amap, rgb in score_dataset(model, ds, batch_size):
-            map_rel = Path("maps") / with_suffix_added(names[k], ".npy")
-            overlay_rel = Path("overlays") / with_suffix_added(names[k], ".png")
-            for rel in (map_rel, overlay_rel):
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            np.save(out / map_rel, amap.astype(np.float32))
-            # Colour scale: 0 .. 2x threshold, so the threshold sits mid-scale on every image.
-            vmax = 2 * threshold if threshold else float(amap.max())
-            Image.fromarray(overlay(rgb(), amap, 0.0, vmax)).save(out / overlay_rel)
-            anomalous = "" if threshold is None else int(score >= threshold)
-            rows.append([paths[k], repr(float(score)), anomalous, str(map_rel), str(overlay_rel)])
-        atomic_write_csv(out / "scores.csv", ["image_path", "score", "is_anomalous", "map_path", "overlay_path"], rows)
+        writer = PredictionWriter(out, paths, threshold)
+        if args.ray is not None:
+            from mhpc.distributed import predict_distributed
+
+            predict_distributed(args.model, base.preprocessing, paths, writer, ray_address=args.ray or None,
+                                batch_size=batch_size, progress=not args.quiet)
+        else:
+            for k, score, amap, rgb in score_dataset(model, ds, batch_size):
+                writer.write(k, rgb(), score, amap)
+        rows = writer.close()
     flagged = sum(1 for r in rows if r[2] == 1)
     note = "" if threshold is not None else " (model has no threshold: is_anomalous left empty)"
     print(f"scored {len(rows)} images, {flagged} anomalous; wrote {args.out}{note}")
@@ -267,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder to write (model.safetensors)")
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of good images held out for the threshold (0.1)")
     p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
+    _add_ray_option(p)
+    p.add_argument("--shards", type=int, help="with --ray: number of path shards (default: the cluster's CPUs)")
     _add_model_options(p)
     _add_geometry(p, "none")
     p.add_argument("--tile", type=int, metavar="SIZE",
@@ -278,6 +348,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet(p)
     p.set_defaults(func=_cmd_fit)
 
+    p = sub.add_parser("update", help="add new good images to a fitted model (statistics merged, bank extended)")
+    p.add_argument("--model", required=True, help="model folder or .safetensors file saved with its fit state")
+    p.add_argument("--data", help="MVTec AD layout root")
+    p.add_argument("--category", help="category folder under --data")
+    p.add_argument("--folder", help="a plain folder of new good images instead of --data/--category")
+    p.add_argument("--out", help="where to write the updated model (default: atomically over --model)")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of the new images held out to recalibrate the threshold (0: keep the threshold)")
+    p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=8)
+    _add_overwrite(p)
+    _add_key_file(p)
+    _add_quiet(p)
+    p.set_defaults(func=_cmd_update)
+
     p = sub.add_parser("predict", help="score images with a saved model: scores.csv, maps/*.npy, overlays/*.png")
     p.add_argument("--model", required=True, help="model folder or .safetensors file")
     p.add_argument("--images", required=True, nargs="+", help="image files and/or folders")
@@ -286,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     _add_overwrite(p)
     _add_key_file(p)
+    _add_ray_option(p)
     _add_quiet(p)
     p.set_defaults(func=_cmd_predict)
 

@@ -81,6 +81,13 @@ def _path(name: str, value: Any) -> None:
         raise MHPCError(f"{name} must be a file path, got {_describe(value)}")
 
 
+def _choice(*options: str) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if value not in options:
+            raise MHPCError(f"{name} must be one of {list(options)}, got {_describe(value)}")
+    return check
+
+
 def _int_at_least(low: int) -> Callable[[str, Any], None]:
     return lambda name, value: _integer(name, value, low)
 
@@ -107,6 +114,7 @@ PARAMETERS: dict[str, Callable[[str, Any], None]] = {
     "pretrained": _boolean,
     "progress": _boolean,
     "weights_path": _path,
+    "pca_solver": _choice("covariance", "incremental"),
 }
 
 

@@ -19,7 +19,7 @@ def data(tmp_path_factory):
 
 
 def test_help_on_every_subcommand(capsys):
-    for cmd in ["demo", "fit", "predict", "evaluate", "ablation", "generate", "setup-weights"]:
+    for cmd in ["demo", "fit", "update", "predict", "evaluate", "ablation", "generate", "setup-weights"]:
         with pytest.raises(SystemExit) as exc:
             main([cmd, "--help"])
         assert exc.value.code == 0
@@ -129,3 +129,34 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mhpc", "predict", "--model", str(tmp_path / "nope"), "--images",
                            str(tmp_path), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2 and "model file not found" in proc.stderr
+
+
+def test_update_cli_writes_atomically_and_refuses_without_fit_state(data, tmp_path, capsys):
+    from mhpc.core.mh_patch_core import MHPatchCore
+
+    model = tmp_path / "model"
+    assert main(["fit", "--data", str(data), "--category", "grass", "--out", str(model), "--holdout", "0.3",
+                 "--aggregation", "NONE", *FAST]) == 0
+    before = MHPatchCore.load(model)
+    new = tmp_path / "new"
+    new.mkdir()
+    for src in sorted((data / "grass" / "train" / "good").iterdir())[:2]:
+        (new / src.name).write_bytes(src.read_bytes())
+    out = tmp_path / "updated"  # --out is always a folder, as for fit
+    assert main(["update", "--model", str(model), "--folder", str(new), "--out", str(out), "--quiet"]) == 0
+    assert "2 images" in capsys.readouterr().out
+    after = MHPatchCore.load(out)
+    assert after.n_train_images_ == before.n_train_images_ + 2
+    assert after.memory_bank_.shape[0] == before.memory_bank_.shape[0] + 2 * 28 * 28  # NONE appends the patches
+    assert after.threshold_ == before.threshold_  # kept without --holdout
+    # In place (no --out): the file is replaced atomically, no temporary file is left behind.
+    assert main(["update", "--model", str(model), "--folder", str(new), "--quiet"]) == 0
+    assert MHPatchCore.load(model).n_train_images_ == before.n_train_images_ + 2
+    assert (model / "model.safetensors").is_file() and not list(model.glob(".tmp-*"))
+    # A model saved without its fit state is refused in one line, and the file is left alone.
+    before.save(tmp_path / "bare.safetensors", keep_fit_state=False)
+    stamp = (tmp_path / "bare.safetensors").read_bytes()
+    assert main(["update", "--model", str(tmp_path / "bare.safetensors"), "--folder", str(new), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "without its fit state" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "bare.safetensors").read_bytes() == stamp

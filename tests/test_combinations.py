@@ -18,10 +18,16 @@ def test_there_are_24_combinations():
     assert len(COMBOS) == 24
 
 
-@pytest.mark.parametrize("alg,red,agg,dist", COMBOS, ids=lambda e: e.name)
-def test_combination_end_to_end(tiny_set, alg, red, agg, dist):
+# The 24 with the default PCA solver ("covariance"), and the 12 with PCA again with "incremental".
+RUNS = [(*c, "covariance") for c in COMBOS] + [
+    (*c, "incremental") for c in COMBOS if c[1] is PatchCoreFeatureReduction.PCA
+]
+
+
+@pytest.mark.parametrize("alg,red,agg,dist,solver", RUNS, ids=lambda e: getattr(e, "name", e))
+def test_combination_end_to_end(tiny_set, alg, red, agg, dist, solver):
     train, test, (y0, y1, x0, x1) = tiny_set
-    model = tiny_model(algorithm=alg, feature_reduction=red, aggregation=agg, distance=dist)
+    model = tiny_model(algorithm=alg, feature_reduction=red, aggregation=agg, distance=dist, pca_solver=solver)
     assert model.fit(train) is model
     scores, maps, labels, gt = model.predict(test)
     assert scores.shape == (5,) and maps.shape == (5, 64, 64) and gt.shape == (5, 64, 64)

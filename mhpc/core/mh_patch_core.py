@@ -12,6 +12,7 @@ batch by batch (ONLINE).
 
 from __future__ import annotations
 
+import copy
 import enum
 import functools
 import inspect
@@ -31,8 +32,10 @@ from mhpc.core.timing import stage_timer
 from mhpc.core.scoring import NearestNeighbourScorer, anomaly_maps, reweight_image_scores
 from mhpc.data.transforms import dataset_preprocessing
 from mhpc.errors import MHPCError, NotFittedError
-from mhpc.mahalanobis import Whitener
+from mhpc.fit_state import BankState, FitState
+from mhpc.mahalanobis import OnlineCovariance, Whitener
 from mhpc.memory_bank import ApproximateGreedyCoreset, KeepAll, KMeansBank
+from mhpc.memory_bank.kmeans import reduce_centroids, resolve_cluster_count
 from mhpc.validation import check_image_batch, check_params, warn
 
 __all__ = [
@@ -92,6 +95,8 @@ class MHPatchCore:
 
     Parameters beyond the README example (all optional):
       pca_variance_ratio: variance PCA keeps (0.99).
+      pca_solver: "covariance" (exact PCA by eigh of the streamed covariance, mergeable) or
+        "incremental" (sklearn IncrementalPCA, the seed's streaming path).
       kmeans_clusters: int count or float fraction of the training patches (0.01).
       num_nn: neighbours averaged for a patch score (1, as the paper).
       squared_distances: score with squared L2 like the official code (False: plain L2, Eq. 6).
@@ -120,6 +125,7 @@ class MHPatchCore:
         distance: PatchCoreDistance | str = PatchCoreDistance.EUCLIDEAN,
         coreset_percentage: float = 0.1,
         pca_variance_ratio: float = 0.99,
+        pca_solver: str = "covariance",
         kmeans_clusters: int | float = 0.01,
         num_nn: int = 1,
         squared_distances: bool = False,
@@ -148,6 +154,7 @@ class MHPatchCore:
         self.distance = distance
         self.coreset_percentage = coreset_percentage
         self.pca_variance_ratio = pca_variance_ratio
+        self.pca_solver = pca_solver
         self.kmeans_clusters = kmeans_clusters
         self.num_nn = num_nn
         self.squared_distances = squared_distances
@@ -248,33 +255,203 @@ class MHPatchCore:
         self.n_train_images_ = seen
 
     # ------------------------------------------------------------------ fit
+    # The fit contract (begin_fit, statistics_pass, finalize_statistics, bank_pass, finalize_bank) is
+    # described in mhpc/fit_state.py. VANILLA is one shard held in memory, ONLINE a stream; both run
+    # these steps, and update() runs them again from the saved fit state.
     def fit(self, dataloader: Iterable) -> "MHPatchCore":
         """Builds the memory bank from images of good parts only."""
-        self._validate()
+        self.begin_fit()
         self.preprocessing_ = dataset_preprocessing(dataloader, self.input_shape)
-        self._build()
         if self.algorithm_ is PatchCoreAlgorithm.VANILLA:
-            self._fit_vanilla(dataloader)
+            sink: dict[str, Any] = {}
+            feats = self._collect(dataloader, sink)
+            stats = sink.get("stats")
+            self.finalize_statistics(stats)
+            with stage_timer("projection"):
+                projected = self._project(feats)
+            with stage_timer(_BANK_STAGE[self.aggregation_]):
+                bank = self._make_aggregator().run_state(projected)
+            self.n_passes_ = 1
         else:
-            self._fit_online(dataloader)
+            stats, bank = self._online_passes(dataloader)
+        self.finalize_bank(bank)
+        self.fit_state_ = FitState(stats, bank, self.n_train_images_)
+        return self
+
+    def begin_fit(self) -> "MHPatchCore":
+        """Validates the parameters and builds the stages; reads no data."""
+        self._validate()
+        self._build()
+        self.is_fitted_ = False
+        self.__dict__.pop("fit_state_", None)  # a refit never keeps a previous fit's state
+        return self
+
+    def _needs_statistics(self) -> bool:
+        return (self.feature_reduction_ is PatchCoreFeatureReduction.PCA
+                or self.distance_ is PatchCoreDistance.MAHALANOBIS)
+
+    def _statistics_tap(self, batches: Iterable[torch.Tensor], sink: dict[str, Any], fit_pca: bool = True):
+        """Passes feature batches through while accumulating the raw-feature statistics in ``sink``
+        (and feeding IncrementalPCA when that solver is chosen)."""
+        incremental = fit_pca and self.pca_solver == "incremental" and isinstance(self.reduction_, PCAReduction)
+        for feats in batches:
+            if self._needs_statistics():
+                with stage_timer("statistics"):
+                    if "stats" not in sink:
+                        sink["stats"] = OnlineCovariance(feats.shape[1])
+                    sink["stats"].update(feats)
+                    if incremental:
+                        self.reduction_.partial_fit(feats)
+            yield feats
+
+    def statistics_pass(self, loader: Iterable, keep: list[torch.Tensor] | None = None,
+                        desc: str = "statistics", fit_pca: bool = True) -> OnlineCovariance | None:
+        """One pass: the raw-feature statistics (None when neither PCA nor MAHALANOBIS is on).
+        ``keep`` collects the raw feature batches too (aggregation NONE needs no second pass);
+        ``fit_pca=False`` leaves the incremental solver's PCA alone (update keeps the basis)."""
+        sink: dict[str, Any] = {}
+        for feats in self._statistics_tap(self._stream(loader, desc), sink, fit_pca):
+            if keep is not None:
+                keep.append(feats.cpu())
+        return sink.get("stats")
+
+    def finalize_statistics(self, stats: OnlineCovariance | None) -> "MHPatchCore":
+        """PCA (exact, by eigh of Sigma; or the IncrementalPCA fed during the pass), then the
+        whitening, folded into one affine map."""
+        if self.feature_reduction_ is PatchCoreFeatureReduction.PCA:
+            if self.pca_solver == "incremental":
+                self.reduction_.finalize()
+            else:
+                if stats is None:
+                    raise MHPCError("PCA received no patches")
+                self.reduction_.fit_covariance(stats.mean.cpu(), stats.covariance().cpu(), stats.count)
+        self._refresh_whitening(stats, eigenbasis=self.pca_solver == "covariance")
+        self._finish_projection()
+        return self
+
+    def _refresh_whitening(self, stats: OnlineCovariance | None, eigenbasis: bool) -> None:
+        """MAHALANOBIS: with PCA from the eigenbasis of these very statistics, the reduced covariance is
+        diag(eigenvalues): one scale per dimension. Otherwise (no PCA, IncrementalPCA, or after
+        update with a fixed basis) the statistics projected into the space, shrunk, Cholesky."""
+        if self.distance_ is not PatchCoreDistance.MAHALANOBIS:
+            return
+        if stats is None or stats.count < 2:
+            raise MHPCError("the Mahalanobis distance needs at least 2 training patches")
+        mean, cov = stats.mean.cpu(), stats.covariance().cpu()
+        if not isinstance(self.reduction_, PCAReduction):
+            self.space_.fit_covariance(mean, cov)
+        elif eigenbasis:
+            self.space_.fit_diagonal(self.reduction_.explained_variance_)
+        else:
+            matrix, offset = self.reduction_.affine()
+            self.space_.fit_covariance(matrix @ mean + offset, matrix @ cov @ matrix.T)
+
+    def bank_pass(self, loader: Iterable, expected_patches: int | None = None, resume: BankState | None = None,
+                  desc: str = "memory bank") -> BankState:
+        """One pass: the memory bank state of the projected patches (continuing ``resume`` if given)."""
+        aggregator = None
+        for feats in self._stream(loader, desc):
+            if aggregator is None:  # the first batch tells the patch grid
+                if expected_patches is None and resume is None:
+                    n_images = self._count_images(loader)
+                    if n_images is not None:
+                        expected_patches = n_images * self.grid_shape_[0] * self.grid_shape_[1]
+                aggregator = self._make_aggregator(expected_patches)
+                if resume is not None:
+                    aggregator.resume(resume)
+            with stage_timer("projection"):
+                projected = self._project(feats)
+            with stage_timer(_BANK_STAGE[self.aggregation_]):
+                aggregator.partial_fit(projected)
+        with stage_timer(_BANK_STAGE[self.aggregation_]):
+            return aggregator.state()
+
+    def finalize_bank(self, bank: BankState, target_rows: int | None = None) -> "MHPatchCore":
+        """Sets the memory bank and the scorer. Merged KMEANS shards are reduced to the cluster count
+        (``target_rows`` when the caller knows the patch count, else from the counts) by weighted k-means;
+        merged GREEDY shards to ``target_rows`` by one more greedy selection."""
+        if bank.kind == "KMEANS":
+            k = int(target_rows) if target_rows is not None else resolve_cluster_count(
+                self.kmeans_clusters, max(1, int(round(float(bank.counts.sum())))))
+            reduced = reduce_centroids(bank, k, self.seed)
+            bank.rows, bank.counts = reduced.rows, reduced.counts
+        elif bank.kind == "GREEDY" and target_rows is not None:
+            bank.rows = self._make_aggregator().reduce_to(bank.rows, int(target_rows))
+        self.memory_bank_ = bank.rows.detach().cpu().float().contiguous()
+        bank.rows = self.memory_bank_
         self.scorer_.fit(self.memory_bank_)
         self.is_fitted_ = True
         return self
 
-    def _fit_vanilla(self, loader: Iterable) -> None:
-        feats = self._collect(loader)
-        self.reduction_.fit(feats)
-        self.space_.fit(self.reduction_.transform(feats))
-        self._finish_projection()
-        self.memory_bank_ = self._make_aggregator().run(self._project(feats)).cpu().contiguous()
+    def _online_passes(self, loader: Iterable, fit_state: FitState | None = None) -> tuple[Any, BankState]:
+        """ONLINE fit (and update): statistics pass when a statistics stage is on, then a bank pass,
+        unless aggregation NONE, which keeps the patches of the statistics pass."""
+        keep_all = self.aggregation_ is PatchCoreAggregation.NONE
+        resume = fit_state.bank if fit_state is not None else None
+        if not self._needs_statistics():
+            self.finalize_statistics(None)
+            self.n_passes_ = 1
+            return None, self.bank_pass(loader, resume=resume, desc="Pass 1/1: memory bank")
+        self.n_passes_ = 1 if keep_all else 2
+        kept: list[torch.Tensor] | None = [] if keep_all else None
+        stats = self.statistics_pass(loader, kept, f"Pass 1/{self.n_passes_}: statistics", fit_pca=fit_state is None)
+        if fit_state is None:
+            self.finalize_statistics(stats)
+        else:  # update: the PCA basis stays, the whitening is refreshed from the merged statistics
+            stats = OnlineCovariance.from_tensors(fit_state.statistics.to_tensors()).merge(stats)
+            old = (self.space_.mean_, self.space_.cholesky_) if isinstance(self.space_, Whitener) else None
+            self._refresh_whitening(stats, eigenbasis=False)
+            self._finish_projection()
+            if old is not None:  # every bank vector into the new whitened space, exactly
+                resume.remap(*self.space_.remap_from(*old))
+        if keep_all:
+            rows = []
+            while kept:
+                with stage_timer("projection"):
+                    rows.append(self._project(kept.pop(0).to(self.device_)).cpu())
+            bank = BankState("NONE", torch.cat(rows).float())
+            return stats, (resume.merge(bank) if resume is not None else bank)
+        return stats, self.bank_pass(loader, stats.count if resume is None else None, resume,
+                                     "Pass 2/2: memory bank")
 
-    def _collect(self, loader: Iterable) -> torch.Tensor:
-        """All patch features [N*P, D] on the CPU. With a sized dataset the matrix is allocated once and
-        filled, so the features are held once rather than twice (list + concatenation)."""
+    def update(self, dataloader: Iterable, calibration_loader: Iterable | None = None,
+               quantile: float = 0.99) -> "MHPatchCore":
+        """Adds images of good parts to a fitted model without refitting (semantics in the README):
+        statistics merged and whitening refreshed, the PCA basis kept, every bank vector re-mapped
+        exactly into the new space, then the new patches added as the aggregation does. The threshold
+        is kept unless ``calibration_loader`` (held-out good images) is given. On any error the model
+        is left as it was."""
+        self._check_fitted()
+        state = getattr(self, "fit_state_", None)
+        if state is None:
+            raise MHPCError("this model has no fit state (saved with keep_fit_state=False); refit it to add images")
+        # Restore point: the stages are replaced, never changed in place, so shallow copies suffice.
+        saved = {k: getattr(self, k) for k in ("affine_", "memory_bank_", "n_train_images_", "grid_shape_")}
+        saved["space_"] = copy.copy(self.space_)
+        try:
+            stats, bank = self._online_passes(dataloader, FitState(state.statistics, state.bank.copy(), state.n_images))
+            self.finalize_bank(bank)
+        except BaseException:
+            self.__dict__.update(saved)
+            self.scorer_.fit(self.memory_bank_)
+            raise
+        self.n_train_images_ = state.n_images + self.n_train_images_
+        self.fit_state_ = FitState(stats, bank, self.n_train_images_)
+        if calibration_loader is not None:
+            self.calibrate(calibration_loader, quantile)
+        return self
+
+    def _collect(self, loader: Iterable, sink: dict[str, Any] | None = None) -> torch.Tensor:
+        """All patch features [N*P, D] on the CPU (VANILLA's one shard); with ``sink`` the statistics are
+        accumulated batch by batch on the way, as ONLINE does. With a sized dataset the matrix is
+        allocated once and filled, so the features are held once rather than twice (list + concatenation)."""
         n_images = _dataset_len(loader)
+        batches = self._stream(loader, "Extracting features")
+        if sink is not None:
+            batches = self._statistics_tap(batches, sink)
         parts: list[torch.Tensor] = []
         out, row = None, 0
-        for feats in self._stream(loader, "Extracting features"):
+        for feats in batches:
             if n_images is not None and out is None:
                 per_image = self.grid_shape_[0] * self.grid_shape_[1]
                 out = torch.empty(n_images * per_image, feats.shape[1], dtype=feats.dtype)
@@ -286,53 +463,6 @@ class MHPatchCore:
         if out is None:
             return torch.cat(parts)
         return torch.cat([out[:row], *parts]) if parts else out[:row]
-
-    def _fit_online(self, loader: Iterable) -> None:
-        """Streams the loader once per stage that needs the previous stage's final state:
-        IncrementalPCA, then the covariance (on reduced features), then the memory bank (on z).
-        Aggregation NONE needs no pass of its own: it keeps the features of the last stats pass
-        (they form the bank anyway) and projects them at the end.
-        """
-        stats_stages = []
-        if self.feature_reduction_ is PatchCoreFeatureReduction.PCA:
-            stats_stages.append("pca")
-        if self.distance_ is PatchCoreDistance.MAHALANOBIS:
-            stats_stages.append("covariance")
-        keep_all = self.aggregation_ is PatchCoreAggregation.NONE
-        self.n_passes_ = max(1, len(stats_stages) + (0 if keep_all and stats_stages else 1))
-        collected: list[torch.Tensor] = []
-        total_patches: int | None = None
-        for i, stage in enumerate(stats_stages):
-            last = i == len(stats_stages) - 1
-            total_patches = 0
-            for feats in self._stream(loader, f"Pass {i + 1}/{self.n_passes_}: {stage}"):
-                total_patches += feats.shape[0]
-                if stage == "pca":
-                    self.reduction_.partial_fit(feats)
-                    if keep_all and last:
-                        collected.append(feats.cpu())  # projected once PCA is final
-                else:
-                    reduced = self.reduction_.transform(feats)
-                    self.space_.partial_fit(reduced)
-                    if keep_all and last:
-                        collected.append(reduced.cpu())
-            (self.reduction_ if stage == "pca" else self.space_).finalize()
-        self._finish_projection()
-
-        if keep_all and stats_stages:
-            bank = torch.cat(collected)  # raw features after a PCA pass, reduced ones after a covariance pass
-            bank = self._project(bank) if stats_stages[-1] == "pca" else self.space_.transform(bank)
-            self.memory_bank_ = bank.float().contiguous()
-            return
-        n_images = self._count_images(loader) if total_patches is None else None
-        aggregator = None
-        for feats in self._stream(loader, f"Pass {self.n_passes_}/{self.n_passes_}: memory bank"):
-            if aggregator is None:  # the first batch tells the patch grid
-                if total_patches is None and n_images is not None:
-                    total_patches = n_images * self.grid_shape_[0] * self.grid_shape_[1]
-                aggregator = self._make_aggregator(total_patches)
-            aggregator.partial_fit(self._project(feats))
-        self.memory_bank_ = aggregator.finalize().float().contiguous()
 
     def _count_images(self, loader: Iterable) -> int | None:
         """Image count for a fractional k-means cluster count, without running the backbone."""
@@ -418,6 +548,17 @@ class MHPatchCore:
             np.concatenate(gt_masks) if has_masks else None,
         )
 
+    def fit_distributed(self, images: Any, ray_address: str | None = None, num_shards: int | None = None,
+                        batch_size: int = 8, max_retries: int = 3,
+                        preprocessing: dict[str, Any] | None = None) -> "MHPatchCore":
+        """Fits on a Ray cluster (extra ``distributed``): the ONLINE fit with the image paths split into
+        shards, one task per shard. ``images``: image files or an MVTec ``(root, category)`` pair;
+        ``ray_address``: None starts a local Ray, "auto" or "ray://HOST:PORT" joins a cluster;
+        ``preprocessing``: a ``mhpc.data.transforms`` dict (default: the whole image at the input size)."""
+        from mhpc.distributed import fit_distributed
+
+        return fit_distributed(self, images, ray_address, num_shards, batch_size, max_retries, preprocessing)
+
     # ------------------------------------------------------------------ threshold
     def calibrate(self, dataloader: Iterable, quantile: float = 0.99) -> "MHPatchCore":
         """Sets ``threshold_`` from images of good parts that were not used for fit."""
@@ -443,11 +584,15 @@ class MHPatchCore:
         return self
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | PathLike) -> None:
-        """Writes the configuration and all fitted state to a safetensors file, atomically."""
+    def save(self, path: str | PathLike, keep_fit_state: bool = True) -> None:
+        """Writes the configuration and all fitted state to a safetensors file, atomically.
+
+        ``keep_fit_state`` (default True) also stores the fit state that ``update`` needs: the raw
+        feature statistics (D x D float64) and the k-means counts, a few MB; without it the file is
+        smaller but the model can only be refitted, not updated."""
         from mhpc.core.model_file import save_model
 
-        save_model(self, path)
+        save_model(self, path, keep_fit_state)
 
     @classmethod
     def load(cls, path: str | PathLike, device: torch.device | str | None = None) -> "MHPatchCore":
@@ -459,7 +604,10 @@ class MHPatchCore:
 _CONFIG_KEYS = [
     "backbone", "embedding_layers", "device", "input_shape", "pretrain_embed_dimension",
     "target_embed_dimension", "patchsize", "algorithm", "aggregation", "feature_reduction", "distance",
-    "coreset_percentage", "pca_variance_ratio", "kmeans_clusters", "num_nn", "squared_distances",
+    "coreset_percentage", "pca_variance_ratio", "pca_solver", "kmeans_clusters", "num_nn", "squared_distances",
     "reweight_num_support", "covariance_shrinkage", "covariance_jitter", "pca_batch_size",
     "kmeans_batch_size", "coreset_chunk_size", "pretrained", "weights_path", "blur_sigma", "seed", "progress",
 ]
+
+_BANK_STAGE = {PatchCoreAggregation.GREEDY: "greedy coreset", PatchCoreAggregation.KMEANS: "k-means",
+               PatchCoreAggregation.NONE: "keep all"}

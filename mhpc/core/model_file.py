@@ -10,6 +10,9 @@ or the CLI's ``--key-file``) an ``hmac_sha256`` over the same bytes is added on 
 After the checksum the schema is checked (``mhpc.core.model_schema``). The file is written to a
 temporary name, fsynced and renamed (atomic on POSIX), with the umask's permissions; temporary files
 left by a killed earlier save are removed.
+Optional tensors named ``fit_state.*`` hold the mergeable fit state that ``update`` needs
+(mhpc/fit_state.py; the bank rows are not repeated, they are ``memory_bank``); files without them
+load as before and only refuse ``update``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import mhpc
 from mhpc.core.backbones import state_fingerprint
 from mhpc.core.model_schema import check_config, check_state, check_tensors
 from mhpc.errors import MHPCError, ModelFileError, NotFittedError
+from mhpc.fit_state import FitState, has_fit_state
 
 if TYPE_CHECKING:
     from mhpc.core.mh_patch_core import MHPatchCore
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
 FORMAT = "mhpc-model"
 FORMAT_VERSION = 1
 MODEL_FILENAME = "model.safetensors"
+FIT_STATE_PREFIX = "fit_state."
 
 
 KEY_ENV = "MHPC_MODEL_KEY"
@@ -90,7 +95,30 @@ def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str], key: bytes |
     return h.hexdigest()
 
 
-def save_model(model: "MHPatchCore", path: str | os.PathLike) -> Path:
+def stage_tensors(model: "MHPatchCore") -> dict[str, torch.Tensor]:
+    """The fitted projection stages (PCA, whitening) as tensors: what a model file stores, and what a
+    distributed fit sends to its bank tasks."""
+    tensors = {}
+    if hasattr(model.reduction_, "components_"):
+        tensors["pca_mean"] = model.reduction_.mean_.cpu().contiguous()
+        tensors["pca_components"] = model.reduction_.components_.cpu().contiguous()
+    if hasattr(model.space_, "cholesky_"):
+        tensors["whiten_mean"] = model.space_.mean_.cpu().contiguous()
+        tensors["whiten_cholesky"] = model.space_.cholesky_.cpu().contiguous()
+    return tensors
+
+
+def set_stage_tensors(model: "MHPatchCore", tensors: dict[str, torch.Tensor]) -> "MHPatchCore":
+    """Sets the projection stages of a built model from ``stage_tensors`` and folds them into its map."""
+    if "pca_components" in tensors:
+        model.reduction_.set_state(tensors["pca_mean"], tensors["pca_components"])
+    if "whiten_cholesky" in tensors:
+        model.space_.set_state(tensors["whiten_mean"], tensors["whiten_cholesky"])
+    model._finish_projection()
+    return model
+
+
+def save_model(model: "MHPatchCore", path: str | os.PathLike, keep_fit_state: bool = True) -> Path:
     if not getattr(model, "is_fitted_", False):
         raise NotFittedError("cannot save an unfitted MHPatchCore")
     target = resolve_save_path(path)
@@ -99,13 +127,9 @@ def save_model(model: "MHPatchCore", path: str | os.PathLike) -> Path:
     except OSError as exc:
         raise ModelFileError(f"cannot create the model folder {target.parent}: {exc.strerror or exc}") from None
     _remove_stale_temp_files(target.parent)
-    tensors = {"memory_bank": model.memory_bank_.detach().cpu().float().contiguous()}
-    if hasattr(model.reduction_, "components_"):
-        tensors["pca_mean"] = model.reduction_.mean_.cpu().contiguous()
-        tensors["pca_components"] = model.reduction_.components_.cpu().contiguous()
-    if hasattr(model.space_, "cholesky_"):
-        tensors["whiten_mean"] = model.space_.mean_.cpu().contiguous()
-        tensors["whiten_cholesky"] = model.space_.cholesky_.cpu().contiguous()
+    tensors = {"memory_bank": model.memory_bank_.detach().cpu().float().contiguous(), **stage_tensors(model)}
+    if keep_fit_state and getattr(model, "fit_state_", None) is not None:
+        tensors.update(model.fit_state_.to_tensors(FIT_STATE_PREFIX, rows=False))
     state = {
         "grid_shape": list(model.grid_shape_),
         "n_train_images": model.n_train_images_,
@@ -194,12 +218,13 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
             f"{file} was fitted with different backbone weights than the ones loaded now "
             f"({model.backbone_.value}, pretrained={model.pretrained}, weights_path={model.weights_path})"
         )
-    if "pca_components" in tensors:
-        model.reduction_.set_state(tensors["pca_mean"], tensors["pca_components"])
-    if "whiten_cholesky" in tensors:
-        model.space_.set_state(tensors["whiten_mean"], tensors["whiten_cholesky"])
-    model._finish_projection()
+    set_stage_tensors(model, tensors)
     model.memory_bank_ = tensors["memory_bank"]
+    if has_fit_state(tensors, FIT_STATE_PREFIX):
+        try:
+            model.fit_state_ = FitState.from_tensors(tensors, FIT_STATE_PREFIX, rows=model.memory_bank_)
+        except MHPCError as exc:
+            raise ModelFileError(f"{file} has an unreadable fit state: {exc}") from None
     model.grid_shape_ = tuple(state["grid_shape"])
     model.n_train_images_ = state["n_train_images"]
     model.preprocessing_ = state.get("preprocessing")

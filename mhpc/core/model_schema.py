@@ -134,9 +134,10 @@ def check_tensors(file: Path, tensors: dict[str, torch.Tensor], config: Config) 
         spec = TENSORS.get(name)
         if spec is None and not name.startswith(OPTIONAL_PREFIXES):
             raise _fail(file, f"unexpected tensor {name!r}")
-        if not tensor.is_floating_point():
+        # Fit-state tensors may be integer counters (e.g. the bank kind, k-means steps); the rest is float.
+        if spec is not None and not tensor.is_floating_point():
             raise _fail(file, f"tensor {name!r} is {tensor.dtype}, not floating point")
-        if not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise _fail(file, f"tensor {name!r} contains NaN or Inf")
         if spec is None:
             continue

@@ -1,7 +1,11 @@
-"""Feature reduction strategies: identity or PCA (sklearn PCA in batch, IncrementalPCA streaming).
+"""Feature reduction strategies: identity or PCA.
 
-Both PCA paths end in the same state, ``mean_`` and ``components_``; the projection itself runs in
-torch so that it stays on the model's device and avoids a host copy per batch.
+PCA has three ways in, all ending in the same state (``mean_``, ``components_``,
+``explained_variance_ratio_``): ``fit_covariance`` (the default ``pca_solver="covariance"``: exact PCA
+by float64 ``eigh`` of the streamed covariance, with sklearn ``PCA``'s component count and sign rules),
+``partial_fit``/``finalize`` (``pca_solver="incremental"``: the seed's sklearn ``IncrementalPCA``), and
+``fit`` (sklearn ``PCA(svd_solver="full")`` on a matrix, kept as the reference). The projection itself
+runs in torch so that it stays on the model's device and avoids a host copy per batch.
 """
 
 from __future__ import annotations
@@ -47,6 +51,30 @@ class PCAReduction:
         pca = PCA(n_components=n_components, svd_solver="full").fit(data)
         return self._set(pca.mean_, pca.components_, pca.explained_variance_ratio_)
 
+    def fit_covariance(self, mean: torch.Tensor, cov: torch.Tensor, count: int) -> "PCAReduction":
+        """Exact PCA from the mean and (unbiased) covariance of ``count`` rows.
+
+        The eigenvectors of the covariance are the right singular vectors of the centred data, so this
+        is sklearn's ``PCA(svd_solver="full")`` without holding the data: same component count rule
+        (smallest k whose cumulative ratio exceeds ``variance_ratio``; min(count, d) for 1.0) and
+        same sign convention (the largest-magnitude entry of each component is positive, ``svd_flip``).
+        """
+        if count < 2:
+            raise MHPCError("PCA needs at least 2 training patches")
+        evals, evecs = torch.linalg.eigh(cov.double().cpu())
+        evals, comps = evals.flip(0).clamp(min=0), evecs.flip(1).T.contiguous()
+        top = comps.abs().argmax(dim=1)
+        comps *= torch.sign(comps[torch.arange(comps.shape[0]), top])[:, None]
+        ratios = evals / evals.sum()
+        if self.variance_ratio < 1.0:
+            keep = int(np.searchsorted(torch.cumsum(ratios, 0).numpy(), self.variance_ratio, side="right") + 1)
+        else:
+            keep = min(count, len(ratios))
+        keep = min(keep, len(ratios))
+        self._set(mean.double().cpu().numpy(), comps[:keep].numpy(), ratios[:keep].numpy())
+        self.explained_variance_ = evals[:keep].clone()
+        return self
+
     def partial_fit(self, features: torch.Tensor) -> "PCAReduction":
         if not hasattr(self, "_ipca"):
             dim = features.shape[1]
@@ -73,6 +101,7 @@ class PCAReduction:
         ratios = ipca.explained_variance_ratio_
         keep = int(np.searchsorted(np.cumsum(ratios), self.variance_ratio - 1e-12) + 1)
         keep = min(keep, len(ratios))
+        self.explained_variance_ = torch.as_tensor(ipca.explained_variance_[:keep], dtype=torch.float64)
         return self._set(ipca.mean_, ipca.components_[:keep], ratios[:keep])
 
     def _set(self, mean: np.ndarray, components: np.ndarray, ratios: np.ndarray) -> "PCAReduction":

@@ -43,18 +43,47 @@ class Whitener:
     def finalize(self) -> "Whitener":
         if not hasattr(self, "_stats") or self._stats.count < 2:
             raise MHPCError("the Mahalanobis distance needs at least 2 training patches")
-        cov = shrink_covariance(self._stats.covariance(unbiased=True), self.shrinkage)
-        warn_if_ill_conditioned(cov)
-        self.mean_ = self._stats.mean.clone()
-        self.cholesky_ = CovarianceCholesky(jitter=self.jitter).compute(cov)
+        stats = self._stats
         del self._stats
+        return self.fit_covariance(stats.mean, stats.covariance(unbiased=True))
+
+    def fit_covariance(self, mean: torch.Tensor, cov: torch.Tensor) -> "Whitener":
+        """From a known mean and (unbiased) covariance: shrink, then Cholesky."""
+        self.mean_ = mean.double().clone()
+        shrunk = shrink_covariance(cov.double(), self.shrinkage)
+        warn_if_ill_conditioned(shrunk)
+        self.cholesky_ = CovarianceCholesky(jitter=self.jitter).compute(shrunk)
+        self.__dict__.pop("_cache", None)
         return self
+
+    def fit_diagonal(self, variances: torch.Tensor) -> "Whitener":
+        """Zero-mean features with a diagonal covariance (PCA scores): the shrunk Cholesky factor is
+        the diagonal of standard deviations, so whitening is one scale per dimension, no factorisation."""
+        var = variances.double()
+        shrunk = torch.diagonal(shrink_covariance(torch.diag(var), self.shrinkage))
+        if not bool((shrunk > 0).all()):
+            raise MHPCError("the Mahalanobis distance needs a positive variance in every PCA direction")
+        warn_if_ill_conditioned(torch.diag(shrunk))
+        self.mean_ = torch.zeros_like(var)
+        self.cholesky_ = torch.diag(shrunk.sqrt())
+        self.__dict__.pop("_cache", None)
+        return self
+
+    def remap_from(self, old_mean: torch.Tensor, old_cholesky: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact map from an old whitened space to this one, z' = L'^-1 (L z + mu - mu'), as
+        z' = A z + c (float64). Centroids of mapped points are mapped centroids, so it holds for
+        k-means banks too."""
+        chol = self.cholesky_
+        a = torch.linalg.solve_triangular(chol, old_cholesky.to(chol), upper=False)
+        c = torch.linalg.solve_triangular(chol, (old_mean.to(chol) - self.mean_)[:, None], upper=False)[:, 0]
+        return a, c
 
     def fit(self, features: torch.Tensor) -> "Whitener":
         return self.partial_fit(features).finalize()
 
     def set_state(self, mean: torch.Tensor, cholesky: torch.Tensor) -> "Whitener":
         self.mean_, self.cholesky_ = mean.to(torch.float64), cholesky.to(torch.float64)
+        self.__dict__.pop("_cache", None)
         return self
 
     def _factors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

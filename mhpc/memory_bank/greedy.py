@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mhpc.errors import MHPCError
+from mhpc.fit_state import BankState
 from mhpc.memory_bank.base import MemoryBankStrategy
 from mhpc.row_buffer import RowBuffer
 
@@ -64,6 +65,8 @@ class ApproximateGreedyCoreset(MemoryBankStrategy):
     size as the batch version's.
     """
 
+    kind = "GREEDY"
+
     def __init__(
         self,
         percentage: float = 0.1,
@@ -95,16 +98,8 @@ class ApproximateGreedyCoreset(MemoryBankStrategy):
         return self.projection_.to(self.device)
 
     def select(self, features: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        num = max(1, int(features.shape[0] * self.percentage))
-        if num >= features.shape[0]:
-            return features
-        with torch.no_grad():
-            work = features.to(self.device, torch.float32)
-            proj = self._projection(work.shape[1])
-            if proj is not None:
-                work = work @ proj
-            idx = greedy_coreset_indices(work, num, self.num_start_points, rng, self.progress)
-        return features[torch.from_numpy(idx).to(features.device)]
+        """Keeps ``percentage`` of the rows."""
+        return self.reduce_to(features, max(1, int(features.shape[0] * self.percentage)), rng)
 
     def run(self, features: torch.Tensor) -> torch.Tensor:
         return self.select(features, np.random.default_rng(self.seed)).float()
@@ -117,6 +112,25 @@ class ApproximateGreedyCoreset(MemoryBankStrategy):
         for chunk in self._buffer.push(features.float()):
             self._reduced.append(self.select(chunk, self._rng).cpu())
         return self
+
+    def resume(self, state: BankState) -> "ApproximateGreedyCoreset":
+        """Merge-and-reduce continues: new chunks are reduced by the same selection and appended."""
+        self.partial_fit(state.rows[:0])
+        self._reduced.append(state.rows.float().cpu())
+        return self
+
+    def reduce_to(self, features: torch.Tensor, rows: int, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """The greedy selection of ``rows`` rows (also: merged shard coresets reduced once more)."""
+        if rows >= features.shape[0]:
+            return features
+        rng = rng if rng is not None else np.random.default_rng(self.seed)
+        with torch.no_grad():
+            work = features.to(self.device, torch.float32)
+            proj = self._projection(work.shape[1])
+            if proj is not None:
+                work = work @ proj
+            idx = greedy_coreset_indices(work, rows, self.num_start_points, rng, self.progress)
+        return features[torch.from_numpy(idx).to(features.device)]
 
     def finalize(self) -> torch.Tensor:
         if not hasattr(self, "_buffer"):

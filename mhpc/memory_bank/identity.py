@@ -5,10 +5,18 @@ from __future__ import annotations
 import torch
 
 from mhpc.errors import MHPCError
+from mhpc.fit_state import BankState
 from mhpc.memory_bank.base import MemoryBankStrategy
 
 
 class KeepAll(MemoryBankStrategy):
+    kind = "NONE"
+
+    def resume(self, state: BankState) -> "KeepAll":
+        """New patches are appended to the kept ones."""
+        self._parts = [state.rows.float().cpu()]
+        return self
+
     def run(self, features: torch.Tensor) -> torch.Tensor:
         return features.float()
 

@@ -1,0 +1,304 @@
+"""Fit and score on a Ray cluster (optional extra: ``pip install 'mhpc[distributed]'``).
+
+Ray is imported lazily, so the core package imports and works without it.
+
+Fit (``fit_distributed``; ``MHPatchCore.fit_distributed`` and ``mhpc fit --ray`` call it): the
+driver splits the image *paths* into contiguous shards and sends only paths. Each task loads its
+images, runs the backbone and returns the same mergeable state a single-process fit accumulates
+(``mhpc.fit_state``). The driver merges the states in shard order, finalises the projection, puts it
+in the object store, and runs the bank pass per shard the same way. The driver never sees a patch
+feature, only the states; the fit is the ONLINE fit with the loader split into shards.
+
+Determinism: a task is a pure function of (configuration, paths, projection), and the driver merges
+results in shard order, not completion order. A task whose worker dies is re-run by Ray
+(``max_retries``) and gives the same state, so the model does not change.
+
+Scoring (``predict_distributed``; ``mhpc predict --ray``): Ray Data over (index, path) rows and
+``map_batches`` with a pool of scorer actors. The model file's bytes go into the object store once;
+each actor loads them through ``MHPatchCore.load`` (the same integrity and backbone checks as a
+local load). Results carry the row index, and ``mhpc.prediction.PredictionWriter`` writes the same
+files as the single-process command, in input order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from mhpc.errors import MHPCError
+
+if TYPE_CHECKING:
+    from mhpc.core.mh_patch_core import MHPatchCore
+    from mhpc.prediction import PredictionWriter
+
+
+def import_ray():
+    """The ``ray`` module, or a one-line error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise MHPCError("Ray is not installed; install the extra: pip install 'mhpc[distributed]'") from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None) -> Iterator[Any]:
+    """Joins ``address`` ("auto", "HOST:PORT" or "ray://HOST:PORT"), or starts a local Ray when None.
+    A Ray already initialised in this process is used as it is and left running; one started here is
+    shut down at the end."""
+    ray = import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    try:
+        # "local": a new instance even when RAY_ADDRESS is set or another cluster runs on this machine.
+        ray.init(address=address or "local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise MHPCError(f"cannot connect to Ray at {address or 'a new local instance'}: {exc}") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def shard_paths(paths: Sequence[str], num_shards: int) -> list[list[str]]:
+    """Contiguous shards whose sizes differ by at most one; shard order is input order."""
+    if int(num_shards) < 1:
+        raise MHPCError(f"num_shards must be >= 1, got {num_shards}")
+    if not paths:
+        raise MHPCError("no training images were given")
+    bounds = np.linspace(0, len(paths), min(int(num_shards), len(paths)) + 1).round().astype(int)
+    return [list(paths[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def resolve_image_paths(images: Sequence[str | os.PathLike] | tuple[str | os.PathLike, str]) -> list[str]:
+    """A list of image files, or an MVTec ``(root, category)`` pair (its good training images)."""
+    from mhpc.data.datasets import mvtec_samples
+
+    if isinstance(images, tuple) and len(images) == 2 and Path(images[0]).is_dir() \
+            and (Path(images[0]) / str(images[1])).is_dir():
+        return [str(s.image) for s in mvtec_samples(images[0], str(images[1]), "train")]
+    paths = [str(p) for p in images]
+    for p in paths:
+        if not Path(p).is_file():
+            raise MHPCError(f"training image not found: {p}")
+    return paths
+
+
+def image_batches(paths: Sequence[str], preprocessing: dict[str, Any], batch_size: int):
+    """A loader over image files with a preprocessing dict (``mhpc.data.transforms``), the same code the
+    single-process ``mhpc fit``/``predict`` use."""
+    from mhpc.data.datasets import Sample, SampleDataset, make_loader
+
+    samples = [Sample(Path(p), None, False, "") for p in paths]
+    return make_loader(SampleDataset(samples, preprocessing), batch_size)
+
+
+# ---------------------------------------------------------------- scoring
+class _BatchScorer:
+    """One Ray Data actor: loads the model once, then scores batches of (index, path) rows."""
+
+    def __init__(self, model_blob: list, preprocessing: dict[str, Any]) -> None:
+        from mhpc.core.mh_patch_core import MHPatchCore
+
+        ray = import_ray()
+        blob = ray.get(model_blob[0])  # wrapped in a list so Ray Data passes the reference, not a copy
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / "model.safetensors"
+            file.write_bytes(blob)
+            self.model = MHPatchCore.load(file, device="cpu")
+        self.model.progress = False
+        self.preprocessing = preprocessing
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from mhpc.data.transforms import denormalize
+
+        loader = image_batches([str(p) for p in batch["path"]], self.preprocessing, len(batch["path"]))
+        images = next(iter(loader))["image"]
+        scores, maps = self.model.predict_images(images)
+        return {"index": np.asarray(batch["index"]), "score": scores, "map": maps,
+                "rgb": np.stack([denormalize(img) for img in images])}
+
+
+def predict_distributed(model_path: str | os.PathLike, preprocessing: dict[str, Any], paths: Sequence[str],
+                        writer: "PredictionWriter", ray_address: str | None = None, batch_size: int = 8,
+                        num_workers: int | None = None, progress: bool = True) -> None:
+    """Scores ``paths`` on Ray with the saved model at ``model_path`` (already loaded once by the caller,
+    which checked it); ``writer`` gets every result."""
+    from mhpc.core.model_file import resolve_model_path
+
+    file = resolve_model_path(model_path)
+    with ray_session(ray_address) as ray:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = progress
+        if not progress:
+            logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-run INFO lines with --quiet
+        workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        blob = ray.put(file.read_bytes())
+        rows = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(paths)])
+        scored = rows.map_batches(
+            _BatchScorer, fn_constructor_args=([blob], dict(preprocessing)), batch_size=batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=min(workers, len(paths))), num_cpus=1,
+        )
+        for batch in scored.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            for i, score, amap, rgb in zip(batch["index"], batch["score"], batch["map"], batch["rgb"]):
+                writer.write(int(i), rgb, float(score), amap)
+
+
+# ---------------------------------------------------------------- fit
+KMEANS_OVERSAMPLE = 4  # at most this many times k centroids reach the driver's weighted k-means
+_WORKER_MODEL: dict[str, Any] = {}  # one built model per worker process, reused by its later tasks
+
+
+def _worker_model(config: dict[str, Any], fingerprint: str) -> "MHPatchCore":
+    """The model a task works with: built from the driver's configuration (the backbone comes from the
+    node's own weights cache), and refused when its weights differ from the driver's."""
+    import json
+
+    from mhpc.core.backbones import state_fingerprint
+    from mhpc.core.mh_patch_core import MHPatchCore
+
+    key = json.dumps(config, sort_keys=True)
+    if key not in _WORKER_MODEL:
+        _WORKER_MODEL.clear()
+        model = MHPatchCore(**config).begin_fit()
+        if state_fingerprint(model.feature_extractor_) != fingerprint:
+            raise MHPCError(f"this Ray node loads different {model.backbone_.value} weights than the driver "
+                            f"(pretrained={model.pretrained}, weights_path={model.weights_path})")
+        _WORKER_MODEL[key] = model
+    return _WORKER_MODEL[key]
+
+
+def _statistics_task(config: dict[str, Any], fingerprint: str, preprocessing: dict[str, Any], paths: list[str],
+                     batch_size: int) -> dict[str, torch.Tensor]:
+    """One shard's statistics pass: the raw-feature statistics as tensors (count, mean, M2)."""
+    model = _worker_model(config, fingerprint)
+    stats = model.statistics_pass(image_batches(paths, preprocessing, batch_size))
+    return stats.to_tensors()
+
+
+def _bank_task(config: dict[str, Any], fingerprint: str, preprocessing: dict[str, Any],
+               projection: dict[str, torch.Tensor], paths: list[str], batch_size: int,
+               shard_clusters: int | None) -> dict[str, torch.Tensor]:
+    """One shard's bank pass in the driver's projection: the bank state as tensors. ``shard_clusters``:
+    this shard's k-means cluster count (KMEANS only)."""
+    from mhpc.core.model_file import set_stage_tensors
+
+    model = set_stage_tensors(_worker_model(config, fingerprint), projection)
+    if shard_clusters is not None:
+        model.kmeans_clusters = int(shard_clusters)
+    return model.bank_pass(image_batches(paths, preprocessing, batch_size)).to_tensors()
+
+
+def shard_cluster_counts(clusters: int | float, shard_patches: list[int]) -> list[int]:
+    """Each shard's k-means cluster count: min(shards, 4) times its share of the model's k clusters, so
+    the union the driver reduces by weighted k-means holds about min(shards, 4) k centroids whatever
+    the number of shards (one shard: exactly k), and no shard keeps more centroids than patches."""
+    from mhpc.memory_bank.kmeans import resolve_cluster_count
+
+    total = sum(shard_patches)
+    k = resolve_cluster_count(clusters, total)
+    oversample = min(len(shard_patches), KMEANS_OVERSAMPLE)
+    return [max(1, min(n, math.ceil(k * oversample * n / total))) for n in shard_patches]
+
+
+def _in_order(ray: Any, refs: list, desc: str, progress: bool) -> Iterator[Any]:
+    """Task results in shard order, one at a time: the driver holds one shard's state besides the merged
+    one, and the merge order (hence the rounding) does not depend on which task finished first."""
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(len(refs)), desc=desc, unit="shard", disable=not progress, leave=False):
+        ref, refs[i] = refs[i], None  # the driver's reference goes as soon as the state is merged
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, MHPCError):  # a user mistake in a task (unreadable image...): one line
+                raise MHPCError(str(exc.cause)) from None
+            raise
+        except ray.exceptions.RayError as exc:  # retries used up (worker or node lost every time)
+            raise MHPCError(f"shard {i + 1} of {len(refs)} failed on Ray after its retries: "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        yield result
+
+
+def fit_distributed(model: "MHPatchCore", images: Sequence[str | os.PathLike] | tuple[str, str],
+                    ray_address: str | None = None, num_shards: int | None = None, batch_size: int = 8,
+                    max_retries: int = 3, preprocessing: dict[str, Any] | None = None) -> "MHPatchCore":
+    """Fits ``model`` on Ray: the ONLINE fit with the images split into ``num_shards`` path shards
+    (default: the cluster's CPUs). ``images``: image files, or an MVTec ``(root, category)`` pair.
+    ``preprocessing``: a ``mhpc.data.transforms`` dict (default: the whole image at the input size)."""
+    from mhpc.data.transforms import check_preprocessing, make_preprocessing
+    from mhpc.core.backbones import state_fingerprint
+    from mhpc.core.model_file import stage_tensors
+    from mhpc.fit_state import BankState, FitState
+    from mhpc.mahalanobis import OnlineCovariance
+    from mhpc.memory_bank.kmeans import resolve_cluster_count
+
+    import_ray()  # before any work: a missing extra is a one-line error, not a failure after the backbone loads
+    paths = resolve_image_paths(images)
+    model.begin_fit()
+    pre = check_preprocessing(dict(preprocessing)) if preprocessing else make_preprocessing(model.input_shape, "none")
+    if list(pre["input_size"]) != [int(s) for s in model.input_shape]:
+        raise MHPCError(f"preprocessing input_size {pre['input_size']} does not match input_shape "
+                        f"{list(model.input_shape)}")
+    if pre.get("tile"):
+        raise MHPCError("a distributed fit does not tile images; fit tiled models without --ray")
+    model.preprocessing_ = pre
+    if model._needs_statistics() and model.feature_reduction_.value == "PCA" and model.pca_solver != "covariance":
+        raise MHPCError("a distributed fit merges covariance statistics; use pca_solver='covariance'")
+    # The patch grid from one blank image: the driver's model needs it for scoring, and a fractional
+    # k-means cluster count needs the total patch count before the bank pass.
+    with torch.no_grad():
+        model._embed(torch.zeros(1, 3, *model.input_shape, device=model.device_))
+    per_image = model.grid_shape_[0] * model.grid_shape_[1]
+    total_patches = len(paths) * per_image
+    config = {**model.get_config(), "progress": False}
+    fingerprint = state_fingerprint(model.feature_extractor_)
+    with ray_session(ray_address) as ray:
+        shards = shard_paths(paths, num_shards or max(1, int(ray.cluster_resources().get("CPU", 1))))
+        options = dict(num_cpus=1, max_retries=int(max_retries), retry_exceptions=False)
+        if model.device_.type == "cuda":
+            options["num_gpus"] = 1
+        config_ref = ray.put(config)
+        stats = None
+        if model._needs_statistics():
+            task = ray.remote(**options)(_statistics_task)
+            refs = [task.remote(config_ref, fingerprint, pre, shard, batch_size) for shard in shards]
+            for tensors in _in_order(ray, refs, "Ray pass 1/2: statistics", model.progress):
+                part = OnlineCovariance.from_tensors(tensors)
+                stats = part if stats is None else stats.merge(part)
+        model.finalize_statistics(stats)
+        projection = ray.put(stage_tensors(model))
+        task = ray.remote(**options)(_bank_task)
+        clusters = [None] * len(shards)
+        if model.aggregation_.value == "KMEANS":
+            clusters = shard_cluster_counts(model.kmeans_clusters, [len(shard) * per_image for shard in shards])
+        refs = [task.remote(config_ref, fingerprint, pre, projection, shard, batch_size, k)
+                for shard, k in zip(shards, clusters)]
+        bank = None
+        for tensors in _in_order(ray, refs, "Ray pass: memory bank", model.progress):
+            part = BankState.from_tensors(tensors)
+            bank = part if bank is None else bank.merge(part)
+    # GREEDY: the union of the shard coresets, reduced once more to the size one coreset over all
+    # patches has; KMEANS: weighted k-means over the shard centroids to the model's k of the exact patch
+    # count (sklearn's counts overstate it after centre reassignments); NONE: the union.
+    target = None
+    if bank.kind == "GREEDY":
+        target = max(1, int(total_patches * float(model.coreset_percentage)))
+    elif bank.kind == "KMEANS":
+        target = resolve_cluster_count(model.kmeans_clusters, total_patches)
+    model.finalize_bank(bank, target_rows=target)
+    model.n_train_images_ = len(paths)
+    model.n_passes_ = 2 if stats is not None else 1
+    model.n_shards_ = len(shards)
+    model.fit_state_ = FitState(stats, bank, len(paths))
+    return model

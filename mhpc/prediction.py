@@ -1,0 +1,56 @@
+"""What ``mhpc predict`` writes: ``scores.csv``, ``maps/<input path>.npy`` and ``overlays/<input path>.png``.
+
+One writer serves the single-process loop and the Ray Data scorer (``mhpc.distributed``), so both
+produce the same files. Map and overlay paths mirror each input's path under the inputs' common folder
+(``mhpc.outputs.output_names``), so no two inputs share an output, and are recorded in ``scores.csv``.
+Rows are keyed by the image's index in the input list and written in that order, whatever order the
+results arrive in; ``scores.csv`` is written atomically, last.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mhpc.errors import MHPCError
+from mhpc.outputs import atomic_write_csv, output_names, with_suffix_added
+from mhpc.report import overlay
+
+COLUMNS = ["image_path", "score", "is_anomalous", "map_path", "overlay_path"]
+
+
+class PredictionWriter:
+    """Writes one image's map and overlay as it comes; ``close`` writes ``scores.csv`` in input order.
+    ``out`` is a folder already prepared by ``mhpc.outputs.output_folder``."""
+
+    def __init__(self, out: str | Path, paths: list[str], threshold: float | None) -> None:
+        self.out = Path(out)
+        self.paths = list(paths)
+        self.names = output_names(self.paths)
+        self.threshold = threshold
+        self.rows: dict[int, list] = {}
+
+    def write(self, index: int, rgb: np.ndarray, score: float, amap: np.ndarray) -> None:
+        """``rgb``: the image the map covers, as uint8 H x W x 3; ``amap``: its anomaly map."""
+        index = int(index)
+        map_rel = Path("maps") / with_suffix_added(self.names[index], ".npy")
+        overlay_rel = Path("overlays") / with_suffix_added(self.names[index], ".png")
+        for rel in (map_rel, overlay_rel):
+            (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
+        np.save(self.out / map_rel, np.asarray(amap, dtype=np.float32))
+        # Colour scale: 0 .. 2x threshold, so the threshold sits mid-scale on every image.
+        vmax = 2 * self.threshold if self.threshold else float(amap.max())
+        Image.fromarray(overlay(rgb, amap, 0.0, vmax)).save(self.out / overlay_rel)
+        anomalous = "" if self.threshold is None else int(score >= self.threshold)
+        self.rows[index] = [self.paths[index], repr(float(score)), anomalous, str(map_rel), str(overlay_rel)]
+
+    def close(self) -> list[list]:
+        """Writes ``scores.csv`` (one row per input image, input order) and returns its rows."""
+        missing = len(self.paths) - len(self.rows)
+        if missing:
+            raise MHPCError(f"{missing} of {len(self.paths)} images were not scored")
+        rows = [self.rows[i] for i in range(len(self.paths))]
+        atomic_write_csv(self.out / "scores.csv", COLUMNS, rows)
+        return rows

@@ -6,7 +6,7 @@ import scipy.linalg
 import torch
 from sklearn.decomposition import PCA
 
-from conftest import SIZE, tiny_model
+from conftest import tiny_model
 from mhpc.errors import MHPCError, NotFittedError
 from mhpc.fit_state import BankState, FitState
 from mhpc.mahalanobis import OnlineCovariance

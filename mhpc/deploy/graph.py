@@ -117,13 +117,18 @@ class BankSearch(nn.Module):
             values.append(v)
             indices.append(i + start)
         if len(values) == 1:
-            return values[0], indices[0]
-        v, i = torch.cat(values, 1), torch.cat(indices, 1)
-        if k == 1:
-            best, pos = v.min(dim=1, keepdim=True)
+            index = indices[0]
         else:
-            best, pos = torch.topk(v, k, dim=1, largest=False)
-        return best, torch.gather(i, 1, pos)
+            v, i = torch.cat(values, 1), torch.cat(indices, 1)
+            if k == 1:
+                _, pos = v.min(dim=1, keepdim=True)
+            else:
+                _, pos = torch.topk(v, k, dim=1, largest=False)
+            index = torch.gather(i, 1, pos)
+        # The found neighbours' distances recomputed as |z - m|^2, exact to float32 rounding (the
+        # expansion above loses digits to cancellation), as NearestNeighbourScorer.search does.
+        diff = self.gather(index) - z[:, None, :]
+        return (diff * diff).sum(-1), index
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """Bank rows for global indices of any shape -> [*index.shape, d]."""

@@ -125,11 +125,20 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from mhpc.data.transforms import denormalize
     from mhpc.report import overlay
 
-    model = MHPatchCore.load(args.model, device=args.device)
-    model.progress = not args.quiet
-    crop = model.input_shape[0]
+    if args.engine == "torch":
+        model = MHPatchCore.load(args.model, device=args.device)
+        model.progress = not args.quiet
+        crop, threshold, score_batch = model.input_shape[0], getattr(model, "threshold_", None), model.predict_images
+    else:  # an exported file; the same dataset pipeline, so every engine sees the same pixels
+        from mhpc.deploy import DeployedModel
+
+        engine = DeployedModel(args.model, engine=args.engine)
+        crop, threshold = engine.input_shape[0], engine.threshold
+
+        def score_batch(images):
+            result = engine.predict(np.stack([denormalize(img) for img in images]))  # exact uint8 round trip
+            return result.scores.astype(np.float64), result.maps
     ds = ImageFilesDataset(args.images, resize=round(crop * 256 / 224), crop=crop)
-    threshold = getattr(model, "threshold_", None)
     out = Path(args.out)
     (out / "maps").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
@@ -137,7 +146,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     stems = _unique_stems(paths)
     rows, k = [], 0
     for batch in make_loader(ds, args.batch_size):
-        scores, maps = model.predict_images(batch["image"])
+        scores, maps = score_batch(batch["image"])
         for img, score, amap in zip(batch["image"], scores, maps):
             np.save(out / "maps" / f"{stems[k]}.npy", amap.astype(np.float32))
             # Colour scale: 0 .. 2x threshold, so the threshold sits mid-scale on every image.
@@ -153,6 +162,16 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     flagged = sum(1 for r in rows if r[2] == 1)
     note = "" if threshold is not None else " (model has no threshold: is_anomalous left empty)"
     print(f"scored {len(rows)} images, {flagged} anomalous; wrote {out}{note}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from mhpc.core.mh_patch_core import MHPatchCore
+
+    model = MHPatchCore.load(args.model)  # checks the file's SHA-256 before anything is exported
+    model.progress = not args.quiet
+    max_bytes = None if args.max_search_mb is None else int(args.max_search_mb * 2**20)
+    path = model.export(args.out, format=args.format, head=args.head, max_intermediate_bytes=max_bytes)
+    print(f"exported {args.model} as {args.format} to {path} (+ {path.name}.json: input and resize contract)")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -226,8 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--engine", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                   help="torch: --model is a model folder; onnxruntime/openvino: --model is a file from `mhpc export`")
     _add_quiet(p)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a saved model as one ONNX graph or OpenVINO IR (image -> score, map, verdict)")
+    p.add_argument("--model", required=True, help="model folder or .safetensors file")
+    p.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
+    p.add_argument("--out", required=True, help="file to write (.onnx, or .xml for OpenVINO); FILE.json is written next to it")
+    p.add_argument("--head", choices=["auto", "gather", "conv"], default="auto",
+                   help="feature head: the pooling gathers, or folded per-layer convolutions (auto: by cost)")
+    p.add_argument("--max-search-mb", type=float, help="bound on one search block at batch 8 (default 256)")
+    _add_quiet(p)
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("evaluate", help="fit and evaluate on an MVTec-layout category: metrics.json, scores, maps, report")
     p.add_argument("--data", required=True)

@@ -1,5 +1,6 @@
 """Export to ONNX / OpenVINO and the torch-free engine: parity with torch, input checks, the search bound."""
 
+import csv
 import itertools
 import json
 import subprocess
@@ -68,3 +69,146 @@ def test_onnxruntime_parity_all_combinations(tiny_set, images, tmp_path, alg, re
     # dynamic batch: one image at a time gives the same scores
     single = np.concatenate([engine.predict(images[i : i + 1]).scores for i in range(len(images))])
     np.testing.assert_allclose(single, engine.predict(images).scores, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_nn=3, reweight_num_support=5),
+    dict(num_nn=2, squared_distances=True, reweight_num_support=4, **PROPOSED),
+], ids=["baseline-nn3-reweight", "proposed-nn2-squared-reweight"])
+def test_many_bank_chunks_num_nn_and_reweighting(tiny_set, images, tmp_path, options):
+    model = fitted(tiny_set, images, **options)
+    # 5 images x 64 patches; a bound of 40 bank rows per block at batch 1 splits the bank into many chunks
+    path = model.export(tmp_path / "m.onnx", max_intermediate_bytes=4 * 64 * 40, reference_batch=1)
+    info = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert info["search"]["chunk_rows"] == 40 and info["search"]["chunks"] >= 4
+    assert_parity(model, images, DeployedModel(path).predict(images))
+
+
+@pytest.mark.parametrize("head", ["gather", "conv"])
+def test_both_feature_heads_agree_with_torch(tiny_set, images, tmp_path, head):
+    model = fitted(tiny_set, images, feature_reduction="PCA", distance="MAHALANOBIS")
+    assert_parity(model, images, DeployedModel(model.export(tmp_path / "m.onnx", head=head)).predict(images))
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["head"] == head
+
+
+@pytest.fixture(scope="module")
+def proposed_files(tiny_set, images, tmp_path_factory):
+    """The proposed configuration, fitted, saved, and exported as ONNX and OpenVINO IR."""
+    pytest.importorskip("openvino")
+    root = tmp_path_factory.mktemp("deploy")
+    model = fitted(tiny_set, images, **PROPOSED)
+    model.save(root / "model")
+    return model, root, model.export(root / "m.onnx"), model.export(root / "m.xml", format="openvino")
+
+
+def test_openvino_parity_proposed(proposed_files, images):
+    model, _, _, xml = proposed_files
+    assert xml.suffix == ".xml" and xml.with_suffix(".bin").is_file()
+    assert_parity(model, images, DeployedModel(xml).predict(images))
+
+
+def test_openvino_parity_baseline(tiny_set, images, tmp_path):
+    pytest.importorskip("openvino")
+    model = fitted(tiny_set, images)
+    assert_parity(model, images, DeployedModel(model.export(tmp_path / "m.xml", format="openvino")).predict(images))
+
+
+def test_engine_runs_without_torch(proposed_files, images, tmp_path):
+    model, _, onnx_path, _ = proposed_files
+    np.save(tmp_path / "images.npy", images)
+    code = textwrap.dedent(f"""
+        import sys
+
+        class Block:  # any `import torch` / `import faiss` now raises ImportError
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "torchvision", "faiss"):
+                    raise ImportError(f"{{name}} is blocked in this test")
+
+        sys.meta_path.insert(0, Block())
+        import numpy as np
+        from mhpc.deploy import DeployedModel
+        result = DeployedModel({str(onnx_path)!r}).predict(np.load({str(tmp_path / 'images.npy')!r}))
+        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "faiss")]
+        np.save({str(tmp_path / 'scores.npy')!r}, result.scores)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    expected, _ = model.predict_images(as_model_input(images))
+    np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), expected, rtol=1e-4)
+
+
+def test_engine_rejects_bad_input(proposed_files, images):
+    engine = DeployedModel(proposed_files[2])
+    with pytest.raises(MHPCError, match="uint8"):
+        engine.predict(images.astype(np.float32))
+    with pytest.raises(MHPCError, match=r"\[B, 64, 64, 3\].*\(5, 32, 32, 3\)"):
+        engine.predict(images[:, :32, :32])
+    with pytest.raises(MHPCError, match=r"\[B, 64, 64, 3\]"):
+        engine.predict(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    with pytest.raises(MHPCError, match="numpy"):
+        engine.predict(images.tolist())
+    assert engine.predict(images[0]).scores.shape == (1,)  # one [H, W, 3] image is a batch of one
+
+
+def test_export_refuses_unfitted_model(tmp_path):
+    with pytest.raises(NotFittedError):
+        tiny_model().export(tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_export_and_predict_with_every_engine(proposed_files, images, tmp_path):
+    from PIL import Image
+
+    from mhpc.cli import main
+
+    _, root, _, _ = proposed_files
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, img in enumerate(images):
+        # 73 px = round(64 * 256 / 224): the resize keeps it, and the centre crop (offset 4) gives back `img`
+        canvas = np.full((73, 73, 3), 127, np.uint8)
+        canvas[4:68, 4:68] = img
+        Image.fromarray(canvas).save(folder / f"{i}.png")
+    assert main(["export", "--model", str(root / "model"), "--out", str(tmp_path / "cli.onnx"), "--quiet"]) == 0
+    assert main(["export", "--model", str(root / "model"), "--format", "openvino", "--out", str(tmp_path / "cli.xml"),
+                 "--quiet"]) == 0
+    runs = {"torch": root / "model", "onnxruntime": tmp_path / "cli.onnx", "openvino": tmp_path / "cli.xml"}
+    results = {}
+    for engine, model_path in runs.items():
+        out = tmp_path / engine
+        assert main(["predict", "--model", str(model_path), "--images", str(folder), "--out", str(out),
+                     "--engine", engine, "--quiet"]) == 0
+        rows = list(csv.DictReader(open(out / "scores.csv")))
+        maps = np.stack([np.load(out / "maps" / f"{i}.npy") for i in range(len(images))])
+        assert len(list((out / "overlays").glob("*.png"))) == len(images)
+        results[engine] = (np.array([float(r["score"]) for r in rows]), maps, [r["is_anomalous"] for r in rows])
+    scores, maps, verdicts = results["torch"]
+    np.testing.assert_allclose(scores, proposed_files[0].predict_images(as_model_input(images))[0], rtol=1e-6)
+    assert set(verdicts) == {"0", "1"}
+    for engine in ("onnxruntime", "openvino"):
+        np.testing.assert_allclose(results[engine][0], scores, rtol=1e-4)
+        assert np.abs(results[engine][1] - maps).max() <= 1e-4 * (maps.max() - maps.min())
+        assert results[engine][2] == verdicts
+
+
+def test_export_refuses_a_model_file_that_fails_its_checksum(proposed_files, tmp_path, capsys):
+    from mhpc.cli import main
+
+    _, root, _, _ = proposed_files
+    data = bytearray((root / "model" / "model.safetensors").read_bytes())
+    data[-5] ^= 0xFF  # one bit pattern in the last tensor's bytes
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="integrity"):
+        MHPatchCore.load(tmp_path / "bad")
+    assert main(["export", "--model", str(tmp_path / "bad"), "--out", str(tmp_path / "x.onnx"), "--quiet"]) == 2
+    assert "integrity" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_external_data_when_forced(proposed_files, images, tmp_path):
+    model = proposed_files[0]
+    path = model.export(tmp_path / "m.onnx", external_data=True)
+    assert (tmp_path / "m.onnx.data").stat().st_size > (tmp_path / "m.onnx").stat().st_size
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["external_data"] is True
+    assert_parity(model, images, DeployedModel(path).predict(images))

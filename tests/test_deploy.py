@@ -212,3 +212,37 @@ def test_external_data_when_forced(proposed_files, images, tmp_path):
     assert (tmp_path / "m.onnx.data").stat().st_size > (tmp_path / "m.onnx").stat().st_size
     assert json.loads((tmp_path / "m.onnx.json").read_text())["external_data"] is True
     assert_parity(model, images, DeployedModel(path).predict(images))
+
+
+def test_search_blocks_stay_under_the_bound_with_a_200k_bank(tiny_set, images, tmp_path):
+    """A 200,000 x 1024 bank: at batch 8 one unchunked distance block would be 8 * 64 * 200k * 4 B = 391 MiB.
+    Every tensor of the exported graph, shape-inferred at batch 8, stays within the 256 MiB bound."""
+    onnx = pytest.importorskip("onnx")
+    model = tiny_model(pretrain_embed_dimension=1024, target_embed_dimension=1024, aggregation="NONE")
+    model.fit(tiny_set[0][:1])
+    gen = torch.Generator().manual_seed(0)
+    model.memory_bank_ = model.memory_bank_[torch.randint(0, len(model.memory_bank_), (200_000,), generator=gen)]
+    model.memory_bank_ += 0.01 * torch.randn(model.memory_bank_.shape, generator=gen)
+    model.scorer_.fit(model.memory_bank_)
+    bound, batch, patches = 256 * 2**20, 8, 64
+    assert batch * patches * 200_000 * 4 > bound  # unchunked, the search would break the bound
+    path = model.export(tmp_path / "big.onnx", external_data=True)  # small graph file, tensors beside it
+    info = json.loads((tmp_path / "big.onnx.json").read_text())["search"]
+    assert info["chunks"] == 2 and info["chunk_rows"] == bound // (4 * batch * patches)
+
+    graph = onnx.load(str(path), load_external_data=False)
+    graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
+    inferred = onnx.shape_inference.infer_shapes(graph, data_prop=True)
+    sizes = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        if dims and None not in dims:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).itemsize
+            sizes[value.name] = int(np.prod(dims)) * itemsize
+    blocks = [n for n, s in sizes.items() if s >= batch * patches * 60_000 * 4]
+    assert len(blocks) >= 2, "the search blocks must be among the shape-inferred tensors"
+    assert max(sizes.values()) <= bound, max(sizes.items(), key=lambda kv: kv[1])
+
+    # it runs, across both chunks (two images keep the 200k x 1024 search short; batch 8 is shape-checked above)
+    scores = DeployedModel(path).predict(images[3:]).scores
+    np.testing.assert_allclose(scores, model.predict_images(as_model_input(images[3:]))[0], rtol=1e-4)

@@ -40,7 +40,8 @@ class DeployedModel:
     """An exported graph plus its JSON description. ``engine``: 'onnxruntime', 'openvino' or 'auto'
     (by suffix: .onnx -> onnxruntime, .xml -> openvino; an .onnx file also runs in OpenVINO)."""
 
-    def __init__(self, path: str | os.PathLike, engine: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, engine: str = "auto", threads: int | None = None,
+                 spin: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise MHPCError(f"exported model not found: {self.path}")
@@ -56,13 +57,15 @@ class DeployedModel:
         self.outputs = list(self.info["outputs"])
         self.threshold = self.info.get("threshold")
         self.preprocessing = self.info["preprocessing"]
-        self._run = self._onnxruntime(threads) if engine == "onnxruntime" else self._openvino(threads)
+        self._run = self._onnxruntime(threads, spin) if engine == "onnxruntime" else self._openvino(threads)
 
-    def _onnxruntime(self, threads: int | None):
+    def _onnxruntime(self, threads: int | None, spin: bool):
         ort = _import("onnxruntime")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = int(threads)
+        if not spin:  # idle worker threads sleep instead of spinning: fair to other work on a shared CPU
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad files

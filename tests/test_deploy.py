@@ -3,6 +3,7 @@
 import csv
 import itertools
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -79,10 +80,10 @@ def test_onnxruntime_parity_all_combinations(tiny_set, images, tmp_path, alg, re
 ], ids=["baseline-nn3-reweight", "proposed-nn2-squared-reweight"])
 def test_many_bank_chunks_num_nn_and_reweighting(tiny_set, images, tmp_path, options):
     model = fitted(tiny_set, images, **options)
-    # 5 images x 64 patches; a bound of 40 bank rows per block at batch 1 splits the bank into many chunks
-    path = model.export(tmp_path / "m.onnx", max_intermediate_bytes=4 * 64 * 40, reference_batch=1)
+    # 5 images x 64 patches; a bound of 12 bank rows per block at batch 1 splits the bank into many chunks
+    path = model.export(tmp_path / "m.onnx", max_intermediate_bytes=4 * 64 * 12, reference_batch=1)
     info = json.loads((tmp_path / "m.onnx.json").read_text())
-    assert info["search"]["chunk_rows"] == 40 and info["search"]["chunks"] >= 4
+    assert info["search"]["chunk_rows"] == 12 and info["search"]["chunks"] >= 4
     assert_parity(model, images, DeployedModel(path).predict(images))
 
 
@@ -100,7 +101,8 @@ def proposed_files(tiny_set, images, tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     model = fitted(tiny_set, images, **PROPOSED)
     model.save(root / "model")
-    return model, root, model.export(root / "m.onnx"), model.export(root / "m.xml", format="openvino")
+    # the OpenVINO file with the folded head: it converts faster than the gathers (the ONNX file keeps 'auto')
+    return model, root, model.export(root / "m.onnx"), model.export(root / "m.xml", format="openvino", head="conv")
 
 
 def test_openvino_parity_proposed(proposed_files, images):
@@ -112,7 +114,8 @@ def test_openvino_parity_proposed(proposed_files, images):
 def test_openvino_parity_baseline(tiny_set, images, tmp_path):
     pytest.importorskip("openvino")
     model = fitted(tiny_set, images)
-    assert_parity(model, images, DeployedModel(model.export(tmp_path / "m.xml", format="openvino")).predict(images))
+    path = model.export(tmp_path / "m.xml", format="openvino", head="gather")  # the proposed one is 'conv'
+    assert_parity(model, images, DeployedModel(path).predict(images))
 
 
 def test_engine_runs_without_torch(proposed_files, images, tmp_path):
@@ -173,7 +176,7 @@ def test_cli_export_and_predict_with_every_engine(proposed_files, images, tmp_pa
         Image.fromarray(canvas).save(folder / f"{i}.png")
     assert main(["export", "--model", str(root / "model"), "--out", str(tmp_path / "cli.onnx"), "--quiet"]) == 0
     assert main(["export", "--model", str(root / "model"), "--format", "openvino", "--out", str(tmp_path / "cli.xml"),
-                 "--quiet"]) == 0
+                 "--head", "conv", "--quiet"]) == 0
     runs = {"torch": root / "model", "onnxruntime": tmp_path / "cli.onnx", "openvino": tmp_path / "cli.xml"}
     results = {}
     for engine, model_path in runs.items():
@@ -216,21 +219,32 @@ def test_external_data_when_forced(proposed_files, images, tmp_path):
     assert_parity(model, images, DeployedModel(path).predict(images))
 
 
-def test_search_blocks_stay_under_the_bound_with_a_200k_bank(tiny_set, images, tmp_path):
-    """A 200,000 x 1024 bank: at batch 8 one unchunked distance block would be 8 * 64 * 200k * 4 B = 391 MiB.
-    Every tensor of the exported graph, shape-inferred at batch 8, stays within the 256 MiB bound."""
+BOUND_CASES = [
+    # (bank rows, dims, bound): the 200k x 1024 bank of the issue (0.8 GB; opt in with MHPC_SLOW_TESTS=1,
+    # ~1-3 min), and the same mechanics at 1/400 of the size, always run
+    pytest.param(200_000, 1024, 256 * 2**20, id="200k-x-1024-256MiB", marks=pytest.mark.skipif(
+        not os.environ.get("MHPC_SLOW_TESTS"), reason="0.8 GB bank: set MHPC_SLOW_TESTS=1")),
+    pytest.param(20_000, 48, 8 * 2**20, id="20k-x-48-8MiB"),
+]
+
+
+@pytest.mark.parametrize("rows,dims,bound", BOUND_CASES)
+def test_search_blocks_stay_under_the_bound(tiny_set, images, tmp_path, rows, dims, bound):
+    """At batch 8 one unchunked distance block would be 8 * 64 * rows * 4 B, over the bound (391 MiB for 200k
+    rows). Every tensor of the exported graph, shape-inferred at batch 8, stays within the bound."""
     onnx = pytest.importorskip("onnx")
-    model = tiny_model(pretrain_embed_dimension=1024, target_embed_dimension=1024, aggregation="NONE")
+    model = tiny_model(pretrain_embed_dimension=dims, target_embed_dimension=dims, aggregation="NONE")
     model.fit(tiny_set[0][:1])
     gen = torch.Generator().manual_seed(0)
-    model.memory_bank_ = model.memory_bank_[torch.randint(0, len(model.memory_bank_), (200_000,), generator=gen)]
+    model.memory_bank_ = model.memory_bank_[torch.randint(0, len(model.memory_bank_), (rows,), generator=gen)]
     model.memory_bank_ += 0.01 * torch.randn(model.memory_bank_.shape, generator=gen)
     model.scorer_.fit(model.memory_bank_)
-    bound, batch, patches = 256 * 2**20, 8, 64
-    assert batch * patches * 200_000 * 4 > bound  # unchunked, the search would break the bound
-    path = model.export(tmp_path / "big.onnx", external_data=True)  # small graph file, tensors beside it
+    batch, patches = 8, 64
+    assert batch * patches * rows * 4 > bound  # unchunked, the search would break the bound
+    # external data: a small graph file with the tensors beside it
+    path = model.export(tmp_path / "big.onnx", external_data=True, max_intermediate_bytes=bound, head="conv")
     info = json.loads((tmp_path / "big.onnx.json").read_text())["search"]
-    assert info["chunks"] == 2 and info["chunk_rows"] == bound // (4 * batch * patches)
+    assert info["chunks"] >= 2 and info["chunk_rows"] == bound // (4 * batch * patches)
 
     graph = onnx.load(str(path), load_external_data=False)
     graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
@@ -241,8 +255,8 @@ def test_search_blocks_stay_under_the_bound_with_a_200k_bank(tiny_set, images, t
         if dims and None not in dims:
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).itemsize
             sizes[value.name] = int(np.prod(dims)) * itemsize
-    blocks = [n for n, s in sizes.items() if s >= batch * patches * 60_000 * 4]
-    assert len(blocks) >= 2, "the search blocks must be among the shape-inferred tensors"
+    blocks = [n for n, s in sizes.items() if s >= batch * patches * info["chunk_rows"] * 4]
+    assert len(blocks) >= info["chunks"], "the search blocks must be among the shape-inferred tensors"
     assert max(sizes.values()) <= bound, max(sizes.items(), key=lambda kv: kv[1])
 
     # it runs, across both chunks (two images keep the 200k x 1024 search short; batch 8 is shape-checked above)

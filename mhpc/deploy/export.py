@@ -37,30 +37,27 @@ def _require(module: str):
         raise MHPCError(f"export needs the optional package {module!r}: pip install 'mhpc[deploy]'") from None
 
 
+# Folded convolutions win below this many multiply-adds per patch (C * p^2 * output dims, summed over
+# layers), gathers above. Measured with bench/deploy.py (BENCHMARKS.md): MobileNetV2 baseline 1.2 M and
+# proposed 0.44 M, WideResNet50 proposed 0.72 M ran faster folded; WideResNet50 baseline 14 M ran faster
+# with gathers.
+CONV_MACS_PER_PATCH_LIMIT = 4_000_000
+
+
 def choose_head(model: Any) -> str:
-    """'conv' when the folded per-layer convolutions cost fewer multiply-adds per patch than the gathers
-    touch values; see ``head_costs`` and BENCHMARKS.md for the measurement behind the rule."""
-    costs = head_costs(model)
-    return "conv" if costs["conv"] <= costs["gather"] else "gather"
+    """'conv' when the folded per-layer convolutions are cheap enough (``CONV_MACS_PER_PATCH_LIMIT``)."""
+    return "conv" if folded_macs_per_patch(model) <= CONV_MACS_PER_PATCH_LIMIT else "gather"
 
 
-def head_costs(model: Any) -> dict[str, float]:
-    """Per-patch work of the two heads: the gathers read unfold's C*p*p values and K weighted rows per
-    output; the folded convolution does C*p*p multiply-adds per output dimension (after projection)."""
+def folded_macs_per_patch(model: Any) -> int:
+    """Multiply-adds per patch of the folded head: every layer's C * p * p inputs to every output dimension."""
     import torch
 
     ext = model.feature_extractor_
     with torch.no_grad():
         fmaps = ext.body(torch.zeros(1, 3, *model.input_shape, device=model.device_))
-    p2 = ext.patchsize**2
-    channels = [int(fmaps[l].shape[1]) for l in ext.layers]
-    plans = ext._plan(tuple(channels), torch.device("cpu"))
     out_dim = int(model.memory_bank_.shape[1])
-    gather = sum(c * p2 + idx.numel() for c, (_, idx, _) in zip(channels, plans))
-    conv = sum(c * p2 * out_dim for c in channels)
-    # A memory-bound gather touches a value at roughly the cost of ~16 dense multiply-adds on a CPU
-    # (measured ratio, BENCHMARKS.md); compare in multiply-add units.
-    return {"gather": 16.0 * gather, "conv": float(conv)}
+    return sum(int(fmaps[layer].shape[1]) * ext.patchsize**2 * out_dim for layer in ext.layers)
 
 
 def export_model(

@@ -262,3 +262,21 @@ def test_search_blocks_stay_under_the_bound(tiny_set, images, tmp_path, rows, di
     # it runs, across both chunks (two images keep the 200k x 1024 search short; batch 8 is shape-checked above)
     scores = DeployedModel(path).predict(images[3:]).scores
     np.testing.assert_allclose(scores, model.predict_images(as_model_input(images[3:]))[0], rtol=1e-4)
+
+
+def test_load_image_follows_the_resize_contract(tmp_path):
+    """Pillow-only loading (no torch) gives the pixels of the datasets' torchvision pipeline, +-1 grey level."""
+    from PIL import Image
+
+    from mhpc.data.datasets import ImageFilesDataset
+    from mhpc.deploy import load_image, preprocessing_contract
+
+    yy, xx = np.mgrid[0:90, 0:120]
+    smooth = (127 + 100 * np.sin(xx / 9.0)[..., None] * np.cos(yy / 7.0)[..., None] * np.ones(3)).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "a.png")
+    contract = preprocessing_contract(tiny_model())
+    assert contract["resize_short_side"] == 73 and contract["crop"] == [64, 64]
+    ours = load_image(tmp_path / "a.png", contract)
+    theirs = denormalize(ImageFilesDataset([tmp_path / "a.png"], resize=73, crop=64)[0]["image"])
+    assert ours.shape == theirs.shape == (64, 64, 3) and ours.dtype == np.uint8
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1

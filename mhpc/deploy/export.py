@@ -119,7 +119,7 @@ def export_model(
         "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", h, w, 3]},
         "outputs": outputs,
         "input_shape": [h, w],
-        "threshold": float(graph.threshold) if graph.has_threshold else None,
+        "threshold": float(model.threshold_) if graph.has_threshold else None,  # the graph compares in float32
         "preprocessing": preprocessing_contract(model),
         "head": head,
         "opset": OPSET,

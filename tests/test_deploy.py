@@ -220,7 +220,7 @@ def test_external_data_when_forced(proposed_files, images, tmp_path):
 
 
 BOUND_CASES = [
-    # (bank rows, dims, bound): the 200k x 1024 bank of the issue (0.8 GB, ~3 GB peak RSS; opt in with MHPC_SLOW_TESTS=1,
+    # (bank rows, dims, bound): the 200k x 1024 bank of the issue (0.8 GB; opt in with MHPC_SLOW_TESTS=1,
     # 27 s on the loaded 2-core machine), and the same mechanics at 1/200 of the size, always run
     pytest.param(200_000, 1024, 256 * 2**20, id="200k-x-1024-256MiB", marks=pytest.mark.skipif(
         not os.environ.get("MHPC_SLOW_TESTS"), reason="0.8 GB bank: set MHPC_SLOW_TESTS=1")),

@@ -221,6 +221,29 @@ def _cmd_update(args: argparse.Namespace) -> None:
           f"{threshold if threshold is None else f'{threshold:.4g}'} ({note}); saved {target}")
 
 
+class _ExportedScorer:
+    """An exported graph (onnxruntime / OpenVINO) behind MHPatchCore's ``predict_images``, so the one
+    scoring loop (tiles included) and the one writer serve every engine."""
+
+    def __init__(self, path: str, engine: str) -> None:
+        from mhpc.data.transforms import check_preprocessing
+        from mhpc.deploy import DeployedModel
+
+        self.engine = DeployedModel(path, engine=engine)
+        self.threshold = self.engine.threshold
+        self.preprocessing = check_preprocessing(self.engine.preprocessing["mhpc_preprocessing"], f"{path}.json")
+
+    def predict_images(self, images):
+        import numpy as np
+
+        from mhpc.data.transforms import denormalize
+
+        # The graph takes uint8 pixels: the normalised tensors go back to uint8 (exact for the centre crop,
+        # which resizes in uint8; within one grey level for the letterbox, which resizes in float).
+        result = self.engine.predict(np.stack([denormalize(img) for img in images]))
+        return result.scores.astype(np.float64), result.maps
+
+
 def _cmd_predict(args: argparse.Namespace) -> None:
     from mhpc.core.mh_patch_core import MHPatchCore
     from mhpc.core.model_file import resolve_model_path
@@ -232,15 +255,21 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from mhpc.validation import check_batch_size
 
     batch_size = check_batch_size(args.batch_size)
-    model = MHPatchCore.load(args.model, device=args.device)
-    model.progress = not args.quiet
-    # Models saved before the preprocessing was recorded were fitted with the MVTec protocol.
-    pre = model.preprocessing_ or make_preprocessing(tuple(model.input_shape), "center")
+    if args.engine == "torch":
+        model = MHPatchCore.load(args.model, device=args.device)
+        model.progress = not args.quiet
+        # Models saved before the preprocessing was recorded were fitted with the MVTec protocol.
+        pre = model.preprocessing_ or make_preprocessing(tuple(model.input_shape), "center")
+        threshold = getattr(model, "threshold_", None)
+    else:  # a file from `mhpc export`, fed by the same dataset pipeline as torch
+        if args.ray is not None:
+            raise MHPCError(f"--ray scores with the torch engine; --engine {args.engine} runs in this process")
+        model = _ExportedScorer(args.model, args.engine)
+        pre, threshold = model.preprocessing, model.threshold
     if args.ray is not None and pre.get("tile"):
         raise MHPCError("--ray cannot score a tiled model: Ray scoring reads whole images")
     base = ImageFilesDataset(args.images, preprocessing=pre).validate()
     ds = TiledDataset(base, *pre["tile"]) if pre.get("tile") else base
-    threshold = getattr(model, "threshold_", None)
     paths = [str(s.image) for s in base.samples]
     refuse_inputs_inside(args.out, [resolve_model_path(args.model)], "model")
     refuse_inputs_inside(args.out, paths, "image")
@@ -258,6 +287,16 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     flagged = sum(1 for r in rows if r[2] == 1)
     note = "" if threshold is not None else " (model has no threshold: is_anomalous left empty)"
     print(f"scored {len(rows)} images, {flagged} anomalous; wrote {args.out}{note}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from mhpc.core.mh_patch_core import MHPatchCore
+
+    model = MHPatchCore.load(args.model)  # checks the file's SHA-256 before anything is exported
+    model.progress = not args.quiet
+    max_bytes = None if args.max_search_mb is None else int(args.max_search_mb * 2**20)
+    path = model.export(args.out, format=args.format, head=args.head, max_intermediate_bytes=max_bytes)
+    print(f"exported {args.model} as {args.format} to {path} (+ {path.name}.json: input and resize contract)")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -373,8 +412,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(p)
     _add_key_file(p)
     _add_ray_option(p)
+    p.add_argument("--engine", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                   help="torch: --model is a model folder; onnxruntime/openvino: --model is a file from `mhpc export`")
     _add_quiet(p)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a saved model as one ONNX graph or OpenVINO IR (image -> score, map, verdict)")
+    p.add_argument("--model", required=True, help="model folder or .safetensors file")
+    p.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
+    p.add_argument("--out", required=True, help="file to write (.onnx, or .xml for OpenVINO); FILE.json is written next to it")
+    p.add_argument("--head", choices=["auto", "gather", "conv"], default="auto",
+                   help="feature head: the pooling gathers, or folded per-layer convolutions (auto: by cost)")
+    p.add_argument("--max-search-mb", type=float, help="bound on one search block at batch 8 (default 256)")
+    _add_quiet(p)
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("evaluate", help="fit and evaluate on an MVTec-layout category: metrics.json, scores, maps, report")
     p.add_argument("--data", required=True)

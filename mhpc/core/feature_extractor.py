@@ -105,7 +105,8 @@ class PatchFeatureExtractor(nn.Module):
     def _aggregate(self, fmaps: dict[str, torch.Tensor], batch: int) -> tuple[torch.Tensor, tuple[int, int]]:
         maps = [fmaps[layer] for layer in self.layers]
         ref_h, ref_w = maps[0].shape[-2:]
-        plans = self._plan(tuple(m.shape[1] for m in maps), maps[0].device)
+        # int(): the channel counts are fixed, and a traced export must hit the cached plan
+        plans = self._plan(tuple(int(m.shape[1]) for m in maps), maps[0].device)
         out = maps[0].new_zeros(batch, self.target_embed_dimension, ref_h, ref_w)
         pad = (self.patchsize - 1) // 2
         for fmap, (first, index, weight) in zip(maps, plans):

@@ -583,6 +583,14 @@ class MHPatchCore:
         }
         return self
 
+    # ------------------------------------------------------------------ deployment
+    def export(self, path: str | PathLike, format: str = "onnx", **kwargs: Any):
+        """One graph from uint8 image to score, map and verdict (ONNX or OpenVINO IR) plus ``path.json``;
+        see ``mhpc.deploy.export.export_model`` for the options. Needs ``pip install 'mhpc[deploy]'``."""
+        from mhpc.deploy.export import export_model
+
+        return export_model(self, path, format=format, **kwargs)
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | PathLike, keep_fit_state: bool = True) -> None:
         """Writes the configuration and all fitted state to a safetensors file, atomically.

@@ -1,0 +1,100 @@
+"""What happens outside the exported graph: the resize / crop contract and the sidecar JSON. No torch here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mhpc.errors import MHPCError
+
+SIDECAR_FORMAT = "mhpc-deploy"
+SIDECAR_VERSION = 1
+
+
+def preprocessing_contract(model: Any) -> dict[str, Any]:
+    """How a caller turns a picture into the graph's uint8 [B, H, W, 3] input.
+
+    The one place that decides it: a model that records its preprocessing (``preprocessing_``) is
+    taken at its word; otherwise it is the PatchCore default the datasets use (resize the short side
+    to round(H * 256 / 224), bilinear with antialiasing, centre-crop H x W).
+    """
+    from mhpc.data.transforms import make_preprocessing  # export time only: torch is there
+
+    h, w = (int(s) for s in model.input_shape)
+    pre = getattr(model, "preprocessing_", None) or make_preprocessing((h, w), "center")
+    if pre["crop"] == "center":
+        contract = {
+            "mode": "resize_short_side_then_center_crop",
+            "resize_short_side": int(pre["resize"]),
+            "crop": [h, w],
+            "interpolation": "bilinear",
+            "antialias": True,
+        }
+    else:
+        contract = {
+            "mode": "letterbox",
+            "description": "scale the whole image to fit H x W keeping its aspect (bilinear, antialiased), centre it, "
+                           "pad with the ImageNet mean colour (124, 116, 104)",
+            "size": [h, w],
+        }
+        if pre.get("tile"):
+            contract["tile"] = list(pre["tile"])  # [size, overlap] in original pixels, each tile letterboxed
+    # The exact dict mhpc's own pipeline takes (mhpc.data.transforms), for `mhpc predict --engine`.
+    contract["mhpc_preprocessing"] = dict(pre)
+    contract.update({
+        "input": "uint8 RGB, layout [B, H, W, 3], H x W = " f"{h} x {w}",
+        "normalisation": "inside the graph: (x / 255 - ImageNet mean) / ImageNet std",
+    })
+    return contract
+
+
+def sidecar_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def write_sidecar(path: str | Path, info: dict[str, Any]) -> Path:
+    target = sidecar_path(path)
+    tmp = target.with_name(".tmp-" + target.name)
+    tmp.write_text(json.dumps({"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, **info}, indent=2))
+    tmp.replace(target)
+    return target
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    target = sidecar_path(path)
+    if not target.is_file():
+        raise MHPCError(f"{target} not found: an exported model needs the JSON that `mhpc export` writes next to it")
+    try:
+        info = json.loads(target.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MHPCError(f"{target} is not readable JSON: {exc}") from None
+    if info.get("format") != SIDECAR_FORMAT or info.get("format_version") != SIDECAR_VERSION:
+        raise MHPCError(f"{target} is not an mhpc-deploy description (version {SIDECAR_VERSION})")
+    return info
+
+
+def load_image(path: str | Path, contract: dict[str, Any]) -> np.ndarray:
+    """One image file -> uint8 [H, W, 3] following the default contract, with Pillow only (no torch).
+
+    Pillow's antialiased bilinear resize is what torchvision's tensor resize approximates; pixels may
+    differ by one grey level from ``mhpc predict``'s torchvision pipeline (the CLI uses that pipeline
+    itself, so its engines see identical pixels).
+    """
+    from PIL import Image
+
+    from mhpc.data.io import load_rgb
+
+    if contract.get("mode") != "resize_short_side_then_center_crop":
+        raise MHPCError(f"load_image implements the default resize + centre-crop contract only, not {contract}")
+    img = load_rgb(Path(path))
+    short = int(contract["resize_short_side"])
+    w, h = img.size
+    new_w, new_h = (short, max(1, round(h * short / w))) if w <= h else (max(1, round(w * short / h)), short)
+    img = img.resize((new_w, new_h), Image.BILINEAR)
+    ch, cw = contract["crop"]
+    top, left = int(round((new_h - ch) / 2.0)), int(round((new_w - cw) / 2.0))
+    return np.asarray(img.crop((left, top, left + cw, top + ch)), dtype=np.uint8)

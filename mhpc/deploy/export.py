@@ -1,0 +1,174 @@
+"""Export a fitted MHPatchCore to one ONNX graph (and from it an OpenVINO IR).
+
+Exporter: torch's TorchScript-based ``torch.onnx.export(..., dynamo=False)``. The graph is a plain
+trace (no data-dependent control flow), the tracer keeps the dynamic batch through reshapes, and it
+exports a tiny model in seconds; the bank chunks become initializers as they are. Parity is tested
+for all 24 configurations (``tests/test_deploy.py``).
+
+Files over 2 GB (protobuf's limit) are written with ONNX external data: ``FILE`` holds the graph,
+``FILE.data`` every tensor; keep the two together. ``external_data=True`` forces it for any size.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import mhpc
+from mhpc.deploy.contract import preprocessing_contract, write_sidecar
+from mhpc.errors import MHPCError, NotFittedError
+
+PROTOBUF_LIMIT = 2**31 - 1
+OPSET = 17
+INPUT_NAME = "images"
+HEADS = ("gather", "conv")
+
+
+def _require(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MHPCError(f"export needs the optional package {module!r}: pip install 'mhpc[deploy]'") from None
+
+
+# Folded convolutions win below this many multiply-adds per patch (C * p^2 * output dims, summed over
+# layers), gathers above. Measured with bench/deploy.py (BENCHMARKS.md): MobileNetV2 baseline 1.2 M and
+# proposed 0.44 M, WideResNet50 proposed 0.72 M ran faster folded; WideResNet50 baseline 14 M ran faster
+# with gathers.
+CONV_MACS_PER_PATCH_LIMIT = 4_000_000
+
+
+def choose_head(model: Any) -> str:
+    """'conv' when the folded per-layer convolutions are cheap enough (``CONV_MACS_PER_PATCH_LIMIT``)."""
+    return "conv" if folded_macs_per_patch(model) <= CONV_MACS_PER_PATCH_LIMIT else "gather"
+
+
+def folded_macs_per_patch(model: Any) -> int:
+    """Multiply-adds per patch of the folded head: every layer's C * p * p inputs to every output dimension."""
+    import torch
+
+    ext = model.feature_extractor_
+    with torch.no_grad():
+        fmaps = ext.body(torch.zeros(1, 3, *model.input_shape, device=model.device_))
+    out_dim = int(model.memory_bank_.shape[1])
+    return sum(int(fmaps[layer].shape[1]) * ext.patchsize**2 * out_dim for layer in ext.layers)
+
+
+def export_model(
+    model: Any,
+    path: str | os.PathLike,
+    format: str = "onnx",
+    head: str = "auto",
+    max_intermediate_bytes: int | None = None,
+    reference_batch: int | None = None,
+    external_data: bool | None = None,
+) -> Path:
+    """Writes ``path`` (.onnx, or OpenVINO .xml + .bin) and ``path.json`` (input, resize contract, outputs,
+    threshold, search chunking). Returns the written model path."""
+    import torch
+
+    from mhpc.deploy.graph import DEFAULT_MAX_INTERMEDIATE_BYTES, DEFAULT_REFERENCE_BATCH, DeployGraph
+
+    if not getattr(model, "is_fitted_", False):
+        raise NotFittedError("cannot export an unfitted MHPatchCore; call fit() or MHPatchCore.load() first")
+    fmt = str(format).lower()
+    if fmt not in ("onnx", "openvino"):
+        raise MHPCError(f"format must be 'onnx' or 'openvino', got {format!r}")
+    if head == "auto":
+        head = choose_head(model)
+    if head not in HEADS:
+        raise MHPCError(f"head must be 'auto', 'gather' or 'conv', got {head!r}")
+    max_bytes = int(max_intermediate_bytes or DEFAULT_MAX_INTERMEDIATE_BYTES)
+    ref_batch = int(reference_batch or DEFAULT_REFERENCE_BATCH)
+    onnx = _require("onnx")
+    if fmt == "openvino":
+        _require("openvino")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    graph = DeployGraph(model, head=head, max_intermediate_bytes=max_bytes, reference_batch=ref_batch).eval().cpu()
+    h, w = graph.input_shape
+    example = torch.zeros(1, h, w, 3, dtype=torch.uint8)
+    outputs = ["scores", "maps"] + (["is_anomaly"] if graph.has_threshold else [])
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".mhpc-export-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with torch.no_grad(), _quiet_export():
+            torch.onnx.export(
+                graph, (example,), str(raw), input_names=[INPUT_NAME], output_names=outputs,
+                dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
+                opset_version=OPSET, dynamo=False, do_constant_folding=True,
+            )
+        proto = onnx.load(str(raw))  # also reads external data the exporter wrote for > 2 GB
+        proto.doc_string = f"mhpc {mhpc.__version__}: uint8 [B,{h},{w},3] RGB -> {', '.join(outputs)}"
+        onnx_file = target if fmt == "onnx" else Path(tmp) / "model.onnx"
+        size = sum(len(t.raw_data) or int(np.prod(t.dims)) * 4 for t in proto.graph.initializer)
+        external = bool(external_data) if external_data is not None else size > PROTOBUF_LIMIT - 2**26
+        _save_onnx(onnx, proto, onnx_file, external)
+        if fmt == "openvino":
+            target = _save_openvino(onnx_file, target)
+    info = {
+        "mhpc_version": mhpc.__version__,
+        "engine_file": target.name,
+        "format_kind": fmt,
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", h, w, 3]},
+        "outputs": outputs,
+        "input_shape": [h, w],
+        "threshold": float(model.threshold_) if graph.has_threshold else None,  # the graph compares in float32
+        "preprocessing": preprocessing_contract(model),
+        "head": head,
+        "opset": OPSET,
+        "external_data": fmt == "onnx" and external,
+        "search": {
+            "bank_rows": int(graph.search.n), "bank_dim": int(graph.search.dim), "chunk_rows": graph.chunk_rows,
+            "chunks": len(graph.search.offsets), "max_intermediate_bytes": max_bytes, "reference_batch": ref_batch,
+        },
+        "config": model.get_config(),
+    }
+    write_sidecar(target, info)
+    return target
+
+
+def _save_onnx(onnx, proto, file: Path, external: bool) -> None:
+    """Atomic: a temporary name in the same folder, then rename (external data goes to ``FILE.data``)."""
+    tmp = file.with_name(".tmp-" + file.name)
+    data = file.with_name(file.name + ".data")
+    if external:
+        data.unlink(missing_ok=True)
+        onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(tmp))
+        data.unlink(missing_ok=True)
+    tmp.replace(file)
+
+
+def _save_openvino(onnx_file: Path, target: Path) -> Path:
+    import openvino as ov
+
+    target = target if target.suffix == ".xml" else target.with_suffix(".xml")
+    ov_model = ov.convert_model(str(onnx_file))
+    # fp32 weights: fp16 compression (save_model's default) would break parity with torch
+    ov.save_model(ov_model, str(target), compress_to_fp16=False)
+    return target
+
+
+class _quiet_export:
+    """The TorchScript exporter warns about every traced shape-to-int; the trace is valid (shapes the graph
+    keeps fixed: channel counts, grid, input size), so those warnings are silenced during export only."""
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore")
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)

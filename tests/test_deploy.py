@@ -1,0 +1,282 @@
+"""Export to ONNX / OpenVINO and the torch-free engine: parity with torch, input checks, the search bound."""
+
+import csv
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import v2 as T
+
+from conftest import tiny_model
+from mhpc.core.mh_patch_core import (
+    MHPatchCore,
+    PatchCoreAggregation,
+    PatchCoreAlgorithm,
+    PatchCoreDistance,
+    PatchCoreFeatureReduction,
+)
+from mhpc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from mhpc.errors import MHPCError, ModelFileError, NotFittedError
+
+pytest.importorskip("onnxruntime")
+from mhpc.deploy import DeployedModel  # noqa: E402
+
+COMBOS = list(itertools.product(PatchCoreAlgorithm, PatchCoreFeatureReduction, PatchCoreAggregation, PatchCoreDistance))
+PROPOSED = dict(algorithm="ONLINE", aggregation="KMEANS", feature_reduction="PCA", distance="MAHALANOBIS")
+
+
+def as_model_input(u8: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> what the datasets feed the model (torchvision's own ToDtype + Normalize)."""
+    norm = T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return norm(torch.from_numpy(u8).permute(0, 3, 1, 2).contiguous())
+
+
+@pytest.fixture(scope="module")
+def images(tiny_set):
+    _, test, _ = tiny_set
+    return np.stack([denormalize(img) for img in test[0]["image"]])  # 5 images, the last with a defect
+
+
+def fitted(tiny_set, images, **kw):
+    model = tiny_model(**kw).fit(tiny_set[0][:1])  # 4 training images: parity does not need a good model
+    scores, _ = model.predict_images(as_model_input(images))
+    s = np.sort(scores)
+    model.threshold_ = float((s[2] + s[3]) / 2)  # two images above, three below, none near it
+    return model
+
+
+def assert_parity(model, images, result, rtol=1e-4):
+    scores, maps = model.predict_images(as_model_input(images))
+    assert result.scores.shape == scores.shape and result.maps.shape == maps.shape
+    np.testing.assert_allclose(result.scores, scores, rtol=rtol, atol=0)
+    span = float(maps.max() - maps.min())
+    assert np.abs(result.maps - maps).max() <= rtol * span, np.abs(result.maps - maps).max() / span
+    np.testing.assert_array_equal(result.is_anomaly, scores >= model.threshold_)
+    assert result.is_anomaly.any() and not result.is_anomaly.all()
+
+
+@pytest.mark.parametrize("alg,red,agg,dist", COMBOS, ids=lambda e: e.name)
+def test_onnxruntime_parity_all_combinations(tiny_set, images, tmp_path, alg, red, agg, dist):
+    model = fitted(tiny_set, images, algorithm=alg, feature_reduction=red, aggregation=agg, distance=dist)
+    # the folded head exports fastest; it folds the projection too, so every configuration's affine map is
+    # exercised; the gather head is checked in test_both_feature_heads_agree_with_torch and the tests below
+    path = model.export(tmp_path / "m.onnx", head="conv")
+    engine = DeployedModel(path)
+    assert_parity(model, images, engine.predict(images))
+    # dynamic batch: one image at a time gives the same scores
+    single = np.concatenate([engine.predict(images[i : i + 1]).scores for i in range(len(images))])
+    np.testing.assert_allclose(single, engine.predict(images).scores, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_nn=3, reweight_num_support=5),
+    dict(num_nn=2, squared_distances=True, reweight_num_support=4, **PROPOSED),
+], ids=["baseline-nn3-reweight", "proposed-nn2-squared-reweight"])
+def test_many_bank_chunks_num_nn_and_reweighting(tiny_set, images, tmp_path, options):
+    model = fitted(tiny_set, images, **options)
+    # 5 images x 64 patches; a bound of 12 bank rows per block at batch 1 splits the bank into many chunks
+    path = model.export(tmp_path / "m.onnx", max_intermediate_bytes=4 * 64 * 12, reference_batch=1)
+    info = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert info["search"]["chunk_rows"] == 12 and info["search"]["chunks"] >= 4
+    assert_parity(model, images, DeployedModel(path).predict(images))
+
+
+@pytest.mark.parametrize("head", ["gather", "conv"])
+def test_both_feature_heads_agree_with_torch(tiny_set, images, tmp_path, head):
+    model = fitted(tiny_set, images, feature_reduction="PCA", distance="MAHALANOBIS")
+    assert_parity(model, images, DeployedModel(model.export(tmp_path / "m.onnx", head=head)).predict(images))
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["head"] == head
+
+
+@pytest.fixture(scope="module")
+def proposed_files(tiny_set, images, tmp_path_factory):
+    """The proposed configuration, fitted, saved, and exported as ONNX and OpenVINO IR."""
+    pytest.importorskip("openvino")
+    root = tmp_path_factory.mktemp("deploy")
+    model = fitted(tiny_set, images, **PROPOSED)
+    model.save(root / "model")
+    # the OpenVINO file with the folded head: it converts faster than the gathers (the ONNX file keeps 'auto')
+    return model, root, model.export(root / "m.onnx"), model.export(root / "m.xml", format="openvino", head="conv")
+
+
+def test_openvino_parity_proposed(proposed_files, images):
+    model, _, _, xml = proposed_files
+    assert xml.suffix == ".xml" and xml.with_suffix(".bin").is_file()
+    assert_parity(model, images, DeployedModel(xml).predict(images))
+
+
+def test_openvino_parity_baseline(tiny_set, images, tmp_path):
+    pytest.importorskip("openvino")
+    model = fitted(tiny_set, images)
+    path = model.export(tmp_path / "m.xml", format="openvino", head="gather")  # the proposed one is 'conv'
+    assert_parity(model, images, DeployedModel(path).predict(images))
+
+
+def test_engine_runs_without_torch(proposed_files, images, tmp_path):
+    model, _, onnx_path, _ = proposed_files
+    np.save(tmp_path / "images.npy", images)
+    code = textwrap.dedent(f"""
+        import sys
+
+        class Block:  # any `import torch` / `import faiss` now raises ImportError
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "torchvision", "faiss"):
+                    raise ImportError(f"{{name}} is blocked in this test")
+
+        sys.meta_path.insert(0, Block())
+        import numpy as np
+        from mhpc.deploy import DeployedModel
+        result = DeployedModel({str(onnx_path)!r}).predict(np.load({str(tmp_path / 'images.npy')!r}))
+        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "faiss")]
+        np.save({str(tmp_path / 'scores.npy')!r}, result.scores)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    expected, _ = model.predict_images(as_model_input(images))
+    np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), expected, rtol=1e-4)
+
+
+def test_engine_rejects_bad_input(proposed_files, images):
+    engine = DeployedModel(proposed_files[2])
+    with pytest.raises(MHPCError, match="uint8"):
+        engine.predict(images.astype(np.float32))
+    with pytest.raises(MHPCError, match=r"\[B, 64, 64, 3\].*\(5, 32, 32, 3\)"):
+        engine.predict(images[:, :32, :32])
+    with pytest.raises(MHPCError, match=r"\[B, 64, 64, 3\]"):
+        engine.predict(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    with pytest.raises(MHPCError, match="numpy"):
+        engine.predict(images.tolist())
+    assert engine.predict(images[0]).scores.shape == (1,)  # one [H, W, 3] image is a batch of one
+
+
+def test_export_refuses_unfitted_model(tmp_path):
+    with pytest.raises(NotFittedError):
+        tiny_model().export(tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_export_and_predict_with_every_engine(proposed_files, images, tmp_path):
+    from PIL import Image
+
+    from mhpc.cli import main
+
+    _, root, _, _ = proposed_files
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, img in enumerate(images):
+        # 73 px = round(64 * 256 / 224): the resize keeps it, and the centre crop (offset 4) gives back `img`
+        canvas = np.full((73, 73, 3), 127, np.uint8)
+        canvas[4:68, 4:68] = img
+        Image.fromarray(canvas).save(folder / f"{i}.png")
+    assert main(["export", "--model", str(root / "model"), "--out", str(tmp_path / "cli.onnx"), "--quiet"]) == 0
+    assert main(["export", "--model", str(root / "model"), "--format", "openvino", "--out", str(tmp_path / "cli.xml"),
+                 "--head", "conv", "--quiet"]) == 0
+    runs = {"torch": root / "model", "onnxruntime": tmp_path / "cli.onnx", "openvino": tmp_path / "cli.xml"}
+    results = {}
+    for engine, model_path in runs.items():
+        out = tmp_path / engine
+        assert main(["predict", "--model", str(model_path), "--images", str(folder), "--out", str(out),
+                     "--engine", engine, "--quiet"]) == 0
+        rows = list(csv.DictReader(open(out / "scores.csv")))
+        maps = np.stack([np.load(out / "maps" / f"{i}.png.npy") for i in range(len(images))])
+        assert len(list((out / "overlays").glob("*.png"))) == len(images)
+        results[engine] = (np.array([float(r["score"]) for r in rows]), maps, [r["is_anomalous"] for r in rows])
+    scores, maps, verdicts = results["torch"]
+    np.testing.assert_allclose(scores, proposed_files[0].predict_images(as_model_input(images))[0], rtol=1e-6)
+    assert set(verdicts) == {"0", "1"}
+    for engine in ("onnxruntime", "openvino"):
+        np.testing.assert_allclose(results[engine][0], scores, rtol=1e-4)
+        assert np.abs(results[engine][1] - maps).max() <= 1e-4 * (maps.max() - maps.min())
+        assert results[engine][2] == verdicts
+
+
+def test_export_refuses_a_model_file_that_fails_its_checksum(proposed_files, tmp_path, capsys):
+    from mhpc.cli import main
+
+    _, root, _, _ = proposed_files
+    data = bytearray((root / "model" / "model.safetensors").read_bytes())
+    data[-5] ^= 0xFF  # one bit pattern in the last tensor's bytes
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="integrity"):
+        MHPatchCore.load(tmp_path / "bad")
+    assert main(["export", "--model", str(tmp_path / "bad"), "--out", str(tmp_path / "x.onnx"), "--quiet"]) == 2
+    assert "integrity" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_external_data_when_forced(proposed_files, images, tmp_path):
+    model = proposed_files[0]
+    path = model.export(tmp_path / "m.onnx", external_data=True)
+    assert (tmp_path / "m.onnx.data").stat().st_size > (tmp_path / "m.onnx").stat().st_size
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["external_data"] is True
+    assert_parity(model, images, DeployedModel(path).predict(images))
+
+
+BOUND_CASES = [
+    # (bank rows, dims, bound): the 200k x 1024 bank of the issue (0.8 GB; opt in with MHPC_SLOW_TESTS=1,
+    # 27 s on the loaded 2-core machine), and the same mechanics at 1/200 of the size, always run
+    pytest.param(200_000, 1024, 256 * 2**20, id="200k-x-1024-256MiB", marks=pytest.mark.skipif(
+        not os.environ.get("MHPC_SLOW_TESTS"), reason="0.8 GB bank: set MHPC_SLOW_TESTS=1")),
+    pytest.param(20_000, 48, 8 * 2**20, id="20k-x-48-8MiB"),
+]
+
+
+@pytest.mark.parametrize("rows,dims,bound", BOUND_CASES)
+def test_search_blocks_stay_under_the_bound(tiny_set, images, tmp_path, rows, dims, bound):
+    """At batch 8 one unchunked distance block would be 8 * 64 * rows * 4 B, over the bound (391 MiB for 200k
+    rows). Every tensor of the exported graph, shape-inferred at batch 8, stays within the bound."""
+    onnx = pytest.importorskip("onnx")
+    model = tiny_model(pretrain_embed_dimension=dims, target_embed_dimension=dims, aggregation="NONE")
+    model.fit(tiny_set[0][:1])
+    gen = torch.Generator().manual_seed(0)
+    model.memory_bank_ = model.memory_bank_[torch.randint(0, len(model.memory_bank_), (rows,), generator=gen)]
+    model.memory_bank_ += 0.01 * torch.randn(model.memory_bank_.shape, generator=gen)
+    model.scorer_.fit(model.memory_bank_)
+    batch, patches = 8, 64
+    assert batch * patches * rows * 4 > bound  # unchunked, the search would break the bound
+    # external data: a small graph file with the tensors beside it
+    path = model.export(tmp_path / "big.onnx", external_data=True, max_intermediate_bytes=bound, head="conv")
+    info = json.loads((tmp_path / "big.onnx.json").read_text())["search"]
+    assert info["chunks"] >= 2 and info["chunk_rows"] == bound // (4 * batch * patches)
+
+    graph = onnx.load(str(path), load_external_data=False)
+    graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
+    inferred = onnx.shape_inference.infer_shapes(graph, data_prop=True)
+    sizes = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        if dims and None not in dims:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).itemsize
+            sizes[value.name] = int(np.prod(dims)) * itemsize
+    blocks = [n for n, s in sizes.items() if s >= batch * patches * info["chunk_rows"] * 4]
+    assert len(blocks) >= info["chunks"], "the search blocks must be among the shape-inferred tensors"
+    assert max(sizes.values()) <= bound, max(sizes.items(), key=lambda kv: kv[1])
+
+    # it runs, across both chunks (two images keep the 200k x 1024 search short; batch 8 is shape-checked above)
+    scores = DeployedModel(path).predict(images[3:]).scores
+    np.testing.assert_allclose(scores, model.predict_images(as_model_input(images[3:]))[0], rtol=1e-4)
+
+
+def test_load_image_follows_the_resize_contract(tmp_path):
+    """Pillow-only loading (no torch) gives the pixels of the datasets' torchvision pipeline, +-1 grey level."""
+    from PIL import Image
+
+    from mhpc.data.datasets import ImageFilesDataset
+    from mhpc.deploy import load_image, preprocessing_contract
+
+    yy, xx = np.mgrid[0:90, 0:120]
+    smooth = (127 + 100 * np.sin(xx / 9.0)[..., None] * np.cos(yy / 7.0)[..., None] * np.ones(3)).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "a.png")
+    contract = preprocessing_contract(tiny_model())
+    assert contract["resize_short_side"] == 73 and contract["crop"] == [64, 64]
+    ours = load_image(tmp_path / "a.png", contract)
+    theirs = denormalize(ImageFilesDataset([tmp_path / "a.png"], resize=73, crop=64)[0]["image"])
+    assert ours.shape == theirs.shape == (64, 64, 3) and ours.dtype == np.uint8
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1

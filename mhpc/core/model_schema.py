@@ -110,8 +110,9 @@ def check_state(file: Path, state: Any, config: Config) -> dict[str, Any]:
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
                                   or not math.isfinite(threshold)):
         raise _fail(file, f"threshold must be a finite number or null, got {threshold!r}")
-    if threshold is not None and not isinstance(state.get("threshold_stats"), dict):
-        raise _fail(file, "a threshold needs its threshold_stats mapping")
+    # threshold_stats describe a calibration; a threshold set by hand has none (null).
+    if state.get("threshold_stats") is not None and not isinstance(state["threshold_stats"], dict):
+        raise _fail(file, f"threshold_stats must be a mapping or null, got {type(state['threshold_stats']).__name__}")
     if state.get("preprocessing") is not None:
         try:
             pre = check_preprocessing(state["preprocessing"], "preprocessing")

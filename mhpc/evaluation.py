@@ -30,7 +30,7 @@ def peak_rss_mb() -> float:
 
 def build_model(cfg: dict[str, Any], device: str = "cpu", progress: bool = True, crop: int = 224) -> MHPatchCore:
     params = {k: v for k, v in cfg.items() if k != "name"}
-    params.setdefault("input_shape", (crop, crop))
+    params["input_shape"] = tuple(params.get("input_shape", (crop, crop)))
     params.setdefault("device", device)
     params.setdefault("progress", progress)
     return MHPatchCore(**params)
@@ -41,10 +41,13 @@ def evaluate_category(cfg: dict[str, Any], data_root: str | Path, category: str,
     """Writes metrics.json, scores.csv, maps/*.npy, gt/*.npy (and report.html) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train = make_loader(MVTecDataset(data_root, category, "train"), batch_size)
-    test_ds = MVTecDataset(data_root, category, "test")
-    test = make_loader(test_ds, batch_size)
     model = build_model(cfg, device, progress)
+    # PatchCore's resize-then-centre-crop, scaled to the model's input size (256 -> 224 at the default).
+    crop = int(model.input_shape[0])
+    resize = round(crop * 256 / 224)
+    train = make_loader(MVTecDataset(data_root, category, "train", resize, crop), batch_size)
+    test_ds = MVTecDataset(data_root, category, "test", resize, crop)
+    test = make_loader(test_ds, batch_size)
 
     start = time.perf_counter()
     model.fit(train)

@@ -119,9 +119,13 @@ def _cached(run_dir: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    keys = ("cfg", "data_root", "category")
-    return metrics if all(json.dumps(old.get(k), sort_keys=True) == json.dumps(spec[k], sort_keys=True)
-                          for k in keys) else None
+    def same(k: str) -> bool:  # a run's name does not change its result
+        a, b = old.get(k), spec[k]
+        if k == "cfg" and isinstance(a, dict):
+            a, b = {**a, "name": None}, {**b, "name": None}
+        return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+    return metrics if all(same(k) for k in ("cfg", "data_root", "category")) else None
 
 
 def run_ablation(data_root: str | Path, categories: list[str] | None, configs: str | Path | list[dict],

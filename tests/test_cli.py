@@ -19,7 +19,7 @@ def data(tmp_path_factory):
 
 
 def test_help_on_every_subcommand(capsys):
-    for cmd in ["demo", "fit", "predict", "evaluate", "ablation", "generate", "setup-weights"]:
+    for cmd in ["demo", "fit", "predict", "evaluate", "ablation", "generate", "setup-weights", "setup-textures"]:
         with pytest.raises(SystemExit) as exc:
             main([cmd, "--help"])
         assert exc.value.code == 0

@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mhpc.ablation import COLUMNS, markdown_table, paired_comparison, paired_table, summarise  # noqa: E402
 from mhpc.config import config_name, load_config_list  # noqa: E402
 
 AXES = {"algorithm": ("VANILLA", ["ONLINE"]), "feature_reduction": ("NONE", ["PCA"]),
@@ -46,11 +47,13 @@ def axis_plots(configs: str, results: list[dict], out: Path) -> dict:
                     other = by_key.get((axes_vals[:i] + (ref,) + axes_vals[i + 1:], cat, seed))
                     if other is not None:
                         diffs.append(float(r[metric]) - float(other[metric]))
-                boxes.append(diffs)
+                boxes.append(diffs or [np.nan])
+                if not diffs:
+                    continue
                 summary[f"{axis}:{level}-{ref}:{metric}"] = dict(
                     mean=float(np.mean(diffs)), wins=int(np.sum(np.array(diffs) > 0)),
                     losses=int(np.sum(np.array(diffs) < 0)), n=len(diffs))
-            ax.boxplot(boxes, labels=[f"{lv} − {ref}" for lv in levels])
+            ax.boxplot(boxes, tick_labels=[f"{lv} − {ref}" for lv in levels])
             ax.axhline(0, color="grey", lw=0.8)
             ax.set(ylabel=f"Δ {label}", title=f"{axis}: {label}")
         fig.tight_layout()
@@ -83,16 +86,37 @@ def sweep_plots(sweep: str, results: list[dict], out: Path) -> None:
         plt.close(fig)
 
 
+def collect(run_root: Path) -> list[dict]:
+    """The rows of every finished run under an ``mhpc ablation`` output folder (also a partial one)."""
+    rows = []
+    for f in sorted(run_root.glob("*/seed*/*/metrics.json")):
+        m = json.loads(f.read_text())
+        rows.append({c: m.get(c) for c in COLUMNS} | {"config": f.parts[-4], "seed": int(f.parts[-3][4:])})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", help="the 24-combination study file")
     ap.add_argument("--sweep", help="a sweep study file (entries named param=value)")
-    ap.add_argument("--results", nargs="+", required=True, help="results.json files of mhpc ablation")
+    ap.add_argument("--results", nargs="+", default=[], help="results.json files of mhpc ablation")
+    ap.add_argument("--collect", nargs="+", default=[], help="ablation output folders, read run by run (partial ok)")
+    ap.add_argument("--reference", help="with --collect: write table.md (mean ± std, paired against this config)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = [r for f in args.results for r in json.loads(Path(f).read_text())]
+    order = [config_name(c) for f in (args.configs, args.sweep) if f for c in load_config_list(f)]
+    for folder in args.collect:
+        rows = sorted(collect(Path(folder)), key=lambda r: (order.index(r["config"]) if r["config"] in order else
+                                                            len(order), r["seed"]))
+        results += rows
+        if args.reference:
+            table = markdown_table(summarise(rows)) + "\n\n" + paired_table(paired_comparison(rows, args.reference),
+                                                                               args.reference)
+            (out / f"{Path(folder).name}.md").write_text(table + "\n")
+            (out / f"{Path(folder).name}.json").write_text(json.dumps(rows, indent=1))
     if args.configs:
         summary = axis_plots(args.configs, results, out)
         (out / "axes.json").write_text(json.dumps(summary, indent=2))

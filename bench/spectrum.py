@@ -68,18 +68,23 @@ def analyse(root: str, category: str, shrinkage: float) -> dict:
     evals, evecs = evals.flip(0), evecs.flip(1)  # descending: component 0 has the most variance
     raw = torch.linalg.eigvalsh(torch.cov(x.T)).flip(0).clamp_min(0)
     ratio = (raw / raw.sum()).numpy()
+    # The pooled embedding is a linear map of fewer unfolded dimensions (MobileNetV2: 32*9 -> 512 and
+    # 96*9 -> 512 outputs, rank <= 288 + 512 = 800), so part of the spectrum is exactly zero; there a
+    # test patch has only float rounding. Top-k and bottom-k are taken inside the numerical rank.
+    rank = int((raw > raw[0] * 1e-9).sum())
+    evals, evecs = evals[:rank], evecs[:, :rank]
     z_test = ((test.reshape(-1, d) - mean) @ evecs) / evals.sqrt()  # whitened coordinates
     sq = z_test**2
     top_cum, bottom_cum = sq.cumsum(1), sq.flip(1).cumsum(1)
-    out = {"category": category, "explained_variance_ratio": ratio.tolist(),
+    out = {"category": category, "explained_variance_ratio": ratio.tolist(), "rank": rank,
            "components_for": {str(q): int(np.searchsorted(np.cumsum(ratio), q) + 1) for q in (0.9, 0.99, 0.999)},
            "gauss": {}, "nn": {}}
-    for k in KS:
+    for k in [k for k in KS if k < rank] + [rank]:
         for side, cum in (("top", top_cum), ("bottom", bottom_cum)):
             out["gauss"][f"{side}{k}"] = scores(cum[:, k - 1].sqrt().reshape(n_img, p), grid, labels, masks)
     z_train = ((x - mean) @ evecs) / evals.sqrt()
     for k in NN_KS:
-        for side, idx in (("top", slice(0, k)), ("bottom", slice(d - k, d))):
+        for side, idx in (("top", slice(0, k)), ("bottom", slice(rank - k, rank))):
             bank, query = z_train[:, idx].float(), z_test[:, idx].float()
             nearest = torch.cat([torch.cdist(q, bank).min(1).values for q in query.split(4096)])
             out["nn"][f"{side}{k}"] = scores(nearest.reshape(n_img, p), grid, labels, masks)
@@ -88,21 +93,26 @@ def analyse(root: str, category: str, shrinkage: float) -> dict:
 
 def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    rank = min(r["rank"] for r in results)
     for r in results:
         axes[0].semilogy(np.arange(1, len(r["explained_variance_ratio"]) + 1), r["explained_variance_ratio"],
                          label=r["category"])
+    axes[0].axvline(rank, color="k", lw=0.8, label=f"numerical rank {rank}")
     axes[0].set(xlabel="principal component", ylabel="explained variance ratio", title="Variance spectrum (train patches)")
     for q, style in (("0.9", ":"), ("0.99", "--"), ("0.999", "-.")):
         k = np.mean([r["components_for"][q] for r in results])
         axes[0].axvline(k, ls=style, color="grey", label=f"{float(q):.1%} variance: {k:.0f} comps (mean)")
     axes[0].legend(fontsize=7)
+    ks = [k for k in KS if k < rank]
     for side, style in (("top", "-o"), ("bottom", "-s")):
-        auc = [np.mean([r["gauss"][f"{side}{k}"][0] for r in results]) for k in KS]
-        axes[1].semilogx(KS, auc, style, label=f"Gaussian Mahalanobis, {side}-k components")
+        auc = [np.mean([r["gauss"][f"{side}{k}"][0] for r in results]) for k in ks]
+        axes[1].semilogx(ks, auc, style, label=f"Gaussian Mahalanobis, {side}-k components")
+    full = np.mean([r["gauss"][f"top{r['rank']}"][0] for r in results])
+    axes[1].axhline(full, color="grey", ls="--", label=f"all {rank}+ non-null components")
     for side, marker in (("top", "^"), ("bottom", "v")):
         auc = [np.mean([r["nn"][f"{side}{k}"][0] for r in results]) for k in NN_KS]
         axes[1].semilogx(NN_KS, auc, marker, ms=9, ls="none", label=f"whitened nearest neighbour, {side}-k")
-    axes[1].set(xlabel="k (components used)", ylabel="image AUROC (mean over categories)",
+    axes[1].set(xlabel="k (components used, counted inside the rank)", ylabel="image AUROC (mean over categories)",
                 title="Where the anomaly signal sits")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
@@ -116,10 +126,14 @@ def main() -> None:
     ap.add_argument("--categories", nargs="+")
     ap.add_argument("--shrinkage", type=float, default=0.01)
     ap.add_argument("--out", required=True, help="output prefix: writes PREFIX.json and PREFIX.png")
+    ap.add_argument("--replot", action="store_true", help="redraw PREFIX.png from PREFIX.json")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.replot:
+        plot(json.loads(out.with_suffix(".json").read_text()), out.with_suffix(".png"))
+        return
     torch.manual_seed(0)
     results = [analyse(args.data, c, args.shrinkage) for c in (args.categories or discover_categories(args.data))]
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results))
     plot(results, out.with_suffix(".png"))

@@ -197,7 +197,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from mhpc.ablation import run_ablation
-    from mhpc.config import BASELINE, PROPOSED
     from mhpc.data.synthetic import generate_benchmark
     from mhpc.weights import ensure_mobilenet_v2_weights
 
@@ -207,8 +206,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         print(f"generating the synthetic texture benchmark in {data} ...", flush=True)
         generate_benchmark(data, tuple(args.categories), args.n_train, args.n_test_good, args.n_test_per_defect)
     ensure_mobilenet_v2_weights(quiet=True)
-    configs = [dict(name="baseline", backbone="mobilenet_v2", **BASELINE),
-               dict(name="proposed", backbone="mobilenet_v2", **PROPOSED)]
+    configs = [dict(name=name, preset=name, backbone="mobilenet_v2") for name in ("paper", "seed", "best")]
     table = run_ablation(data, list(args.categories), configs, args.out, progress=not args.quiet)
     print(table)
     print(f"report: {Path(args.out) / 'report.html'}; demo wall time {time.perf_counter() - start:.0f} s")
@@ -219,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mhpc", description="PatchCore anomaly detection, flexible and memory-frugal.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="generate the synthetic benchmark, run baseline and proposed, write the report")
+    p = sub.add_parser("demo", help="generate the synthetic benchmark, run the paper, seed and best presets, write the report")
     p.add_argument("--data", default=str(DEMO_DATA), help=f"benchmark folder (default {DEMO_DATA}; generated if absent)")
     p.add_argument("--out", default=str(DEMO_OUT), help=f"output folder (default {DEMO_OUT})")
     p.add_argument("--categories", nargs="+", default=["brick", "grass", "gravel"])

@@ -203,3 +203,17 @@ def test_ablation_runs_every_seed_on_its_own_data_and_resumes(tmp_path):
     stamp = (out / "tiny" / "seed1" / "grass" / "metrics.json").stat().st_mtime_ns
     assert run_ablation(str(tmp_path / "d{seed}"), None, cfgs, out, resume=True, **kw) == table
     assert (out / "tiny" / "seed1" / "grass" / "metrics.json").stat().st_mtime_ns == stamp  # not rerun
+
+
+def test_shipped_study_files_cover_the_24_combinations_and_the_presets():
+    from importlib.resources import files
+
+    from mhpc.config import load_seeds
+
+    combos = load_config_list(files("mhpc") / "configs" / "combinations.yaml")
+    axes = {(c["algorithm"], c["feature_reduction"], c["aggregation"], c["distance"]) for c in combos}
+    assert len(combos) == len(axes) == 24 and load_seeds(files("mhpc") / "configs" / "combinations.yaml") == [0, 1, 2]
+    presets = {c["name"]: c for c in load_config_list(files("mhpc") / "configs" / "presets.yaml")}
+    assert {"paper", "seed", "best"} <= set(presets) and presets["best"]["patch_embedding"] == PRESETS["best"]["patch_embedding"]
+    sweep = load_config_list(files("mhpc") / "configs" / "sweep.yaml")
+    assert len({c["name"] for c in sweep}) == len(sweep)

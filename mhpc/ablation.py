@@ -1,4 +1,10 @@
-"""Ablation studies: every configuration on every category, one table with a mean row per config."""
+"""Ablation studies: every configuration on every category and seed, one table with mean ± std.
+
+A study is configs x seeds x categories, each run in its own process. With several seeds, every
+cell of the table is the mean ± std over seeds, and each config's ``mean`` row is the mean over
+categories computed per seed, then the mean ± std of those per-seed means. ``data_root`` may
+contain ``{seed}`` so that each seed also draws its own benchmark (``mhpc generate --seed``).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
-from mhpc.config import config_name, load_config_list, normalise_config
+from mhpc.config import config_name, load_config_list, load_seeds, normalise_config
 from mhpc.errors import MHPCError
 from mhpc.evaluation import build_model, evaluate_in_subprocess
 from mhpc.outputs import atomic_write_csv, atomic_write_text, safe_name
 
-COLUMNS = ["config", "category", "image_auroc", "pixel_auroc", "pixel_aupro", "fit_seconds",
-           "predict_ms_per_image", "peak_rss_mb", "memory_bank_size"]
+COLUMNS = ["config", "category", "image_auroc", "pixel_auroc", "pixel_aupro", "f1_max", "fit_seconds",
+           "predict_ms_per_image", "peak_rss_mb", "memory_bank_size", "memory_bank_dim"]
 _MEANED = COLUMNS[2:]
+PAIRED_METRICS = ("image_auroc", "pixel_aupro")
 
 
 def discover_categories(data_root: str | Path) -> list[str]:
@@ -29,66 +37,160 @@ def discover_categories(data_root: str | Path) -> list[str]:
     return cats
 
 
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
-        return str(v)
+    """One line per row; a metric with a nonzero ``<metric>_std`` prints as ``mean ± std``."""
+    def cell(r: dict[str, Any], c: str) -> str:
+        std = r.get(f"{c}_std")
+        return f"{_fmt(r.get(c, ''))} ± {_fmt(std)}" if std else _fmt(r.get(c, ""))
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r, c) for c in COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def with_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows grouped by config, each group followed by its mean over categories."""
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per config: one row per category (mean ± std over seeds), then the ``mean`` row over categories."""
     out = []
     for name in dict.fromkeys(r["config"] for r in rows):
         group = [r for r in rows if r["config"] == name]
-        out += group
-        if len(group) > 1:
-            out.append({"config": name, "category": "mean",
-                        **{k: sum(float(r[k]) for r in group) / len(group) for k in _MEANED}})
+        categories = list(dict.fromkeys(r["category"] for r in group))
+        seeds = list(dict.fromkeys(r.get("seed") for r in group))
+        for category in categories:
+            cell = [r for r in group if r["category"] == category]
+            row: dict[str, Any] = {"config": name, "category": category}
+            for k in _MEANED:
+                row[k], row[f"{k}_std"] = (cell[0][k], 0.0) if len(cell) == 1 else _mean_std([float(r[k]) for r in cell])
+            out.append(row)
+        if len(categories) > 1:
+            row = {"config": name, "category": "mean"}
+            for k in _MEANED:
+                per_seed = [np.mean([float(r[k]) for r in group if r.get("seed") == s]) for s in seeds]
+                row[k], row[f"{k}_std"] = _mean_std(per_seed)
+            out.append(row)
     return out
+
+
+def paired_comparison(rows: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """Every config against ``reference`` on the same (category, seed): wins/ties/losses and mean difference."""
+    ref = {(r["category"], r.get("seed")): r for r in rows if r["config"] == reference}
+    if not ref:
+        raise MHPCError(f"reference configuration {reference!r} is not in the study")
+    out = []
+    for name in dict.fromkeys(r["config"] for r in rows):
+        if name == reference:
+            continue
+        pairs = [(r, ref[(r["category"], r.get("seed"))]) for r in rows
+                 if r["config"] == name and (r["category"], r.get("seed")) in ref]
+        row: dict[str, Any] = {"config": name, "pairs": len(pairs)}
+        for m in PAIRED_METRICS:
+            diffs = np.array([float(a[m]) - float(b[m]) for a, b in pairs])
+            row[f"{m}_wins"], row[f"{m}_losses"] = int((diffs > 0).sum()), int((diffs < 0).sum())
+            row[f"{m}_ties"] = int((diffs == 0).sum())
+            row[f"{m}_diff"] = float(diffs.mean()) if diffs.size else 0.0
+        out.append(row)
+    return out
+
+
+def paired_table(pairs: list[dict[str, Any]], reference: str) -> str:
+    head = ["config", "pairs"] + [f"{m} W/T/L" for m in PAIRED_METRICS] + [f"mean Δ {m}" for m in PAIRED_METRICS]
+    lines = [f"Paired against `{reference}` (same category and seed; W = higher than the reference):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in pairs:
+        cells = [r["config"], str(r["pairs"])]
+        cells += [f"{r[f'{m}_wins']}/{r[f'{m}_ties']}/{r[f'{m}_losses']}" for m in PAIRED_METRICS]
+        cells += [f"{r[f'{m}_diff']:+.4f}" for m in PAIRED_METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cached(run_dir: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The metrics of an earlier run with exactly this specification, if complete."""
+    try:
+        old = json.loads((run_dir / "run.json").read_text())
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    def same(k: str) -> bool:  # a run's name does not change its result
+        a, b = old.get(k), spec[k]
+        if k == "cfg" and isinstance(a, dict):
+            a, b = {**a, "name": None}, {**b, "name": None}
+        return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+    return metrics if all(same(k) for k in ("cfg", "data_root", "category")) else None
 
 
 def run_ablation(data_root: str | Path, categories: list[str] | None, configs: str | Path | list[dict],
                  out_dir: str | Path, device: str = "cpu", batch_size: int = 8, progress: bool = True,
-                 overrides: dict[str, Any] | None = None) -> str:
-    """Writes ``table.md``, ``table.csv``, ``results.json``, ``report.html`` and one folder per run."""
+                 overrides: dict[str, Any] | None = None, seeds: list[int] | None = None,
+                 reference: str | None = None, report: bool = True, resume: bool = False,
+                 base: dict[str, Any] | None = None) -> str:
+    """Writes ``table.md``, ``table.csv``, ``results.json`` (one row per run), ``report.html`` and one
+    folder per run. ``seeds``: run every config once per seed (default: the config file's ``seeds``,
+    else once with each config's own seed). ``base``: parameters under every config (a preset);
+    ``overrides``: parameters over every config. ``resume``: reuse runs already done with the same spec.
+    """
     from mhpc.report import write_summary_report
 
-    cfgs = load_config_list(configs) if isinstance(configs, (str, Path)) else [normalise_config(c) for c in configs]
+    if isinstance(configs, (str, Path)):
+        cfgs = load_config_list(configs)
+        seeds = seeds or load_seeds(configs)
+    else:
+        cfgs = [normalise_config(c) for c in configs]
     # A run's folder name is one safe path component: a config named ../../x stays inside out_dir.
     names = [safe_name(config_name(c)) for c in cfgs]
     if len(set(names)) != len(names):
         raise MHPCError(f"configuration names must be unique (after making them safe folder names), got {names}")
-    categories = categories or discover_categories(data_root)
-    for category in categories:
-        if safe_name(category) != category:
-            raise MHPCError(f"category {category!r} is not a plain folder name")
-    for cfg in cfgs:  # every parameter checked before the first run starts
-        build_model({**cfg, **(overrides or {})})._validate()
+    if categories:
+        for category in categories:
+            if safe_name(category) != category:
+                raise MHPCError(f"category {category!r} is not a plain folder name")
+    seed_list: list[int | None] = list(seeds) if seeds else [None]
+    runs = []
+    for seed in seed_list:
+        root = str(data_root).format(seed=seed) if seed is not None and "{seed}" in str(data_root) else str(data_root)
+        cats = categories or discover_categories(root)
+        for cfg, name in zip(cfgs, names):
+            cfg = {**(base or {}), **cfg, **(overrides or {})}
+            if seed is not None:
+                cfg["seed"] = seed
+            build_model(cfg)._validate()  # every parameter checked before the first run starts
+            runs += [(seed, root, cfg, name, category) for category in cats]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, links = [], {}
-    runs = [(cfg, name, category) for cfg, name in zip(cfgs, names) for category in categories]
     # One overall bar (runs done of all, with ETA); the runs themselves draw none.
     bar = tqdm(runs, desc="ablation runs", unit="run", disable=not progress)
-    for cfg, name, category in bar:
-        bar.set_postfix_str(f"{name} on {category}")
-        cfg = {**cfg, **(overrides or {})}
-        metrics = evaluate_in_subprocess(cfg, data_root, category, out / name / category, device, batch_size,
-                                         progress=False)
+    for seed, root, cfg, name, category in bar:
+        rel = f"{name}/seed{seed}/{category}" if seed is not None else f"{name}/{category}"
+        bar.set_postfix_str(rel)
+        run_dir = out / rel
+        spec = {"cfg": cfg, "data_root": root, "category": category}
+        metrics = _cached(run_dir, spec) if resume else None
+        if metrics is None:
+            metrics = evaluate_in_subprocess(cfg, root, category, run_dir, device, batch_size, False, report)
         for message in metrics.get("warnings", []):
-            tqdm.write(f"warning ({name} on {category}): {message}", file=sys.stderr)
-        rows.append({c: metrics[c] for c in COLUMNS} | {"config": name})
-        links[f"{name} / {category}"] = f"{name}/{category}/report.html"
+            tqdm.write(f"warning ({rel}): {message}", file=sys.stderr)
+        rows.append({c: metrics.get(c) for c in COLUMNS} | {"config": name, "seed": seed})
+        links[rel] = f"{rel}/report.html"
     bar.close()
-    table_rows = with_means(rows)
+    table_rows = summarise(rows)
     table = markdown_table(table_rows)
+    if reference:
+        table += "\n\n" + paired_table(paired_comparison(rows, reference), reference)
     atomic_write_text(out / "table.md", table + "\n")
-    atomic_write_csv(out / "table.csv", COLUMNS, [[r.get(c, "") for c in COLUMNS] for r in table_rows])
+    fields = COLUMNS + [f"{k}_std" for k in _MEANED]
+    atomic_write_csv(out / "table.csv", fields, [[r.get(c, "") for c in fields] for r in table_rows])
     atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
-    write_summary_report(out / "report.html", table_rows, COLUMNS, links)
+    write_summary_report(out / "report.html", table_rows, COLUMNS, links if report else {})
     return table

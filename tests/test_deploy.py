@@ -24,7 +24,7 @@ from mhpc.core.mh_patch_core import (
 from mhpc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from mhpc.errors import MHPCError, ModelFileError, NotFittedError
 
-pytest.importorskip("onnxruntime")
+import onnxruntime  # noqa: E402,F401 - the test extra installs the deploy engines: missing ones fail, never skip
 from mhpc.deploy import DeployedModel  # noqa: E402
 
 COMBOS = list(itertools.product(PatchCoreAlgorithm, PatchCoreFeatureReduction, PatchCoreAggregation, PatchCoreDistance))
@@ -97,7 +97,7 @@ def test_both_feature_heads_agree_with_torch(tiny_set, images, tmp_path, head):
 @pytest.fixture(scope="module")
 def proposed_files(tiny_set, images, tmp_path_factory):
     """The proposed configuration, fitted, saved, and exported as ONNX and OpenVINO IR."""
-    pytest.importorskip("openvino")
+    import openvino  # noqa: F401
     root = tmp_path_factory.mktemp("deploy")
     model = fitted(tiny_set, images, **PROPOSED)
     model.save(root / "model")
@@ -112,7 +112,7 @@ def test_openvino_parity_proposed(proposed_files, images):
 
 
 def test_openvino_parity_baseline(tiny_set, images, tmp_path):
-    pytest.importorskip("openvino")
+    import openvino  # noqa: F401
     model = fitted(tiny_set, images)
     path = model.export(tmp_path / "m.xml", format="openvino", head="gather")  # the proposed one is 'conv'
     assert_parity(model, images, DeployedModel(path).predict(images))
@@ -231,7 +231,7 @@ BOUND_CASES = [
 def test_search_blocks_stay_under_the_bound(tiny_set, images, tmp_path, rows, dims, bound):
     """At batch 8 one unchunked distance block would be 8 * 64 * rows * 4 B, over the bound (391 MiB for 200k
     rows). Every tensor of the exported graph, shape-inferred at batch 8, stays within the bound."""
-    onnx = pytest.importorskip("onnx")
+    import onnx
     model = tiny_model(pretrain_embed_dimension=dims, target_embed_dimension=dims, aggregation="NONE")
     model.fit(tiny_set[0][:1])
     gen = torch.Generator().manual_seed(0)

@@ -19,6 +19,7 @@ import inspect
 import numbers
 from collections.abc import Iterable
 from os import PathLike
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -603,15 +604,15 @@ class MHPatchCore:
         return export_model(self, path, format=format, **kwargs)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | PathLike, keep_fit_state: bool = True) -> None:
+    def save(self, path: str | PathLike, keep_fit_state: bool = True) -> "Path":
         """Writes the configuration and all fitted state to a safetensors file, atomically.
 
         ``keep_fit_state`` (default True) also stores the fit state that ``update`` needs: the raw
         feature statistics (D x D float64) and the k-means counts, a few MB; without it the file is
-        smaller but the model can only be refitted, not updated."""
+        smaller but the model can only be refitted, not updated. Returns the file written."""
         from mhpc.core.model_file import save_model
 
-        save_model(self, path, keep_fit_state)
+        return save_model(self, path, keep_fit_state)
 
     @classmethod
     def load(cls, path: str | PathLike, device: torch.device | str | None = None) -> "MHPatchCore":

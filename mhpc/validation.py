@@ -115,6 +115,7 @@ PARAMETERS: dict[str, Callable[[str, Any], None]] = {
     "progress": _boolean,
     "weights_path": _path,
     "pca_solver": _choice("covariance", "incremental"),
+    "patch_embedding": _choice("pooled", "unpooled"),
 }
 
 

@@ -94,6 +94,15 @@ def test_both_feature_heads_agree_with_torch(tiny_set, images, tmp_path, head):
     assert json.loads((tmp_path / "m.onnx.json").read_text())["head"] == head
 
 
+@pytest.mark.parametrize("head", ["gather", "conv"])
+@pytest.mark.parametrize("reduction,distance", [("PCA", "MAHALANOBIS"), ("NONE", "EUCLIDEAN")])
+def test_unpooled_embedding_exports(tiny_set, images, tmp_path, head, reduction, distance):
+    """The `best` preset's anomalib-style embedding (all channels, 3x3 average): its width is the channel
+    count, not target_embed_dimension, and both heads reproduce it."""
+    model = fitted(tiny_set, images, patch_embedding="unpooled", feature_reduction=reduction, distance=distance)
+    assert_parity(model, images, DeployedModel(model.export(tmp_path / "m.onnx", head=head)).predict(images))
+
+
 @pytest.fixture(scope="module")
 def proposed_files(tiny_set, images, tmp_path_factory):
     """The proposed configuration, fitted, saved, and exported as ONNX and OpenVINO IR."""

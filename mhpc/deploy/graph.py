@@ -143,6 +143,34 @@ class BankSearch(nn.Module):
         return out
 
 
+def _head_matrices(extractor: nn.Module, channels: list[int]) -> list[torch.Tensor]:
+    """Per layer, the linear map [embedding dims, C * p * p] from the unfolded p x p neighbourhood (rows in
+    (C, p, p) order) to the patch embedding: the paper's two poolings, or the unpooled embedding's
+    per-channel p x p average (zero padding counted, as ``avg_pool2d``), its channels stacked by layer."""
+    from mhpc.core.feature_extractor import pooling_plan
+
+    p = extractor.patchsize
+    if extractor.embedding == "unpooled":
+        total, offset, out = sum(channels), 0, []
+        for c in channels:
+            dense = torch.zeros(total, c * p * p, dtype=torch.float64)
+            for j in range(c):
+                dense[offset + j, j * p * p:(j + 1) * p * p] = 1.0 / (p * p)
+            out.append(dense)
+            offset += c
+        return out
+    plans = pooling_plan([c * p * p for c in channels], extractor.pretrain_embed_dimension,
+                         extractor.target_embed_dimension)
+    out = []
+    for (first, index, weight), c in zip(plans, channels):
+        dense = torch.zeros(extractor.target_embed_dimension, c * p * p, dtype=torch.float64)
+        cols = torch.arange(index.shape[1]) + first
+        for k in range(index.shape[0]):
+            dense[cols, index[k]] += weight[k].double()
+        out.append(dense)
+    return out
+
+
 class FoldedHead(nn.Module):
     """The patch head as one convolution per layer: unfold + both poolings + the projection are one
     linear map from the layer's p x p neighbourhood to the output, and bilinear resizing commutes with
@@ -150,21 +178,13 @@ class FoldedHead(nn.Module):
 
     def __init__(self, extractor: nn.Module, channels: list[int], affine) -> None:
         super().__init__()
-        from mhpc.core.feature_extractor import pooling_plan
-
         p = extractor.patchsize
-        plans = pooling_plan([c * p * p for c in channels], extractor.pretrain_embed_dimension,
-                             extractor.target_embed_dimension)
-        t = extractor.target_embed_dimension
         self.patchsize = p
-        for li, ((first, index, weight), c) in enumerate(zip(plans, channels)):
-            dense = torch.zeros(t, c * p * p, dtype=torch.float64)
-            cols = torch.arange(index.shape[1]) + first
-            for k in range(index.shape[0]):
-                dense[cols, index[k]] += weight[k].double()
+        for li, dense in enumerate(_head_matrices(extractor, channels)):
+            t = dense.shape[0]
             if affine is not None:
                 dense = affine[0].double().T @ dense
-            self.register_buffer(f"w{li}", dense.float().reshape(-1, c, p, p).contiguous())
+            self.register_buffer(f"w{li}", dense.float().reshape(-1, channels[li], p, p).contiguous())
         bias = affine[1] if affine is not None else torch.zeros(t)
         self.register_buffer("bias", bias.float().reshape(1, -1, 1, 1))
         self.n_layers = len(channels)
@@ -204,12 +224,15 @@ class DeployGraph(nn.Module):
         std = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
-        affine = affine_of(model, int(extractor.target_embed_dimension))
+        with torch.no_grad():
+            fmaps = self.body(torch.zeros(1, 3, *self.input_shape))
+        channels = [int(fmaps[l].shape[1]) for l in self.layers]
+        self.unpooled = extractor.embedding == "unpooled"
+        dim = sum(channels) if self.unpooled else int(extractor.target_embed_dimension)
+        affine = affine_of(model, dim)
         self.head = head
         if head == "conv":
-            with torch.no_grad():
-                fmaps = self.body(torch.zeros(1, 3, *self.input_shape))
-            self.folded = FoldedHead(extractor, [int(fmaps[l].shape[1]) for l in self.layers], affine)
+            self.folded = FoldedHead(extractor, channels, affine)
         elif affine is not None:
             self.register_buffer("proj_a", affine[0])
             self.register_buffer("proj_b", affine[1])
@@ -236,7 +259,8 @@ class DeployGraph(nn.Module):
         if self.head == "conv":
             feats = self.folded([fmaps[l] for l in self.layers])
             return feats.reshape(-1, feats.shape[-1])
-        feats, _ = self.extractor._aggregate(fmaps, x.shape[0])
+        aggregate = self.extractor._aggregate_unpooled if self.unpooled else self.extractor._aggregate
+        feats, _ = aggregate(fmaps, x.shape[0])
         feats = feats.reshape(-1, feats.shape[-1])
         if self.has_affine:
             feats = torch.addmm(self.proj_b, feats, self.proj_a)

@@ -113,11 +113,6 @@ class OnlineCovariance:
         state._count, state._mean, state._m2 = int(count), mean.clone(), m2.clone()
         return state
 
-    def to(self, device: torch.device | str) -> "OnlineCovariance":
-        if self._count:
-            self._mean, self._m2 = self._mean.to(device), self._m2.to(device)
-        return self
-
     def covariance(self, unbiased: bool = True) -> torch.Tensor:
         if self._count == 0:
             raise MHPCError("OnlineCovariance has seen no data yet")

@@ -9,6 +9,7 @@ contain ``{seed}`` so that each seed also draws its own benchmark (``mhpc genera
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,11 @@ def paired_table(pairs: list[dict[str, Any]], reference: str) -> str:
     return "\n".join(lines)
 
 
+def _spec_key(spec: dict[str, Any]) -> str:
+    """A run's specification without its name: equal keys give equal results."""
+    return json.dumps({**spec, "cfg": {**spec["cfg"], "name": None}}, sort_keys=True, default=str)
+
+
 def _cached(run_dir: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     """The metrics of an earlier run with exactly this specification, if complete."""
     try:
@@ -127,18 +133,19 @@ def _cached(run_dir: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
             a, b = {**a, "name": None}, {**b, "name": None}
         return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
-    return metrics if all(same(k) for k in ("cfg", "data_root", "category")) else None
+    return metrics if all(same(k) for k in ("cfg", "data_root", "category", "crop")) else None
 
 
 def run_ablation(data_root: str | Path, categories: list[str] | None, configs: str | Path | list[dict],
                  out_dir: str | Path, device: str = "cpu", batch_size: int = 8, progress: bool = True,
                  overrides: dict[str, Any] | None = None, seeds: list[int] | None = None,
                  reference: str | None = None, report: bool = True, resume: bool = False,
-                 base: dict[str, Any] | None = None) -> str:
+                 base: dict[str, Any] | None = None, crop: str = "center") -> str:
     """Writes ``table.md``, ``table.csv``, ``results.json`` (one row per run), ``report.html`` and one
     folder per run. ``seeds``: run every config once per seed (default: the config file's ``seeds``,
     else once with each config's own seed). ``base``: parameters under every config (a preset);
     ``overrides``: parameters over every config. ``resume``: reuse runs already done with the same spec.
+    ``crop``: "center" (the MVTec protocol) or "none" (the whole image); a config's own ``crop`` wins.
     """
     from mhpc.report import write_summary_report
 
@@ -165,20 +172,27 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
             if seed is not None:
                 cfg["seed"] = seed
             build_model(cfg)._validate()  # every parameter checked before the first run starts
-            runs += [(seed, root, cfg, name, category) for category in cats]
+            run_crop = cfg.pop("crop", crop)
+            runs += [(seed, root, cfg, name, category, run_crop) for category in cats]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows, links = [], {}
+    rows, links, done = [], {}, {}
     # One overall bar (runs done of all, with ETA); the runs themselves draw none.
     bar = tqdm(runs, desc="ablation runs", unit="run", disable=not progress)
-    for seed, root, cfg, name, category in bar:
+    for seed, root, cfg, name, category, run_crop in bar:
         rel = f"{name}/seed{seed}/{category}" if seed is not None else f"{name}/{category}"
         bar.set_postfix_str(rel)
         run_dir = out / rel
-        spec = {"cfg": cfg, "data_root": root, "category": category}
+        spec = {"cfg": cfg, "data_root": root, "category": category, "crop": run_crop}
         metrics = _cached(run_dir, spec) if resume else None
+        twin = done.get(_spec_key(spec))
+        if metrics is None and twin is not None:
+            # Two entries with one specification (a sweep's default value under two names) run once.
+            shutil.copytree(twin, run_dir, dirs_exist_ok=True)
+            metrics = json.loads((run_dir / "metrics.json").read_text()) | {"warnings": []}
         if metrics is None:
-            metrics = evaluate_in_subprocess(cfg, root, category, run_dir, device, batch_size, False, report)
+            metrics = evaluate_in_subprocess(cfg, root, category, run_dir, device, batch_size, False, report, run_crop)
+        done.setdefault(_spec_key(spec), run_dir)
         for message in metrics.get("warnings", []):
             tqdm.write(f"warning ({rel}): {message}", file=sys.stderr)
         rows.append({c: metrics.get(c) for c in COLUMNS} | {"config": name, "seed": seed})

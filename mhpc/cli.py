@@ -45,6 +45,8 @@ def _model_config(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = preset_params(args.preset) if args.preset else {}
     cfg.update(load_config(args.config) if args.config else {})
+    if "crop" in cfg:  # a study entry's setting; a single command takes the flag, so both cannot disagree
+        raise MHPCError(f"{args.config}: 'crop' belongs in an ablation study's entries; here use --crop")
     for key in ("algorithm", "aggregation", "feature_reduction", "distance", "backbone", "embedding_layers",
                 "coreset_percentage", "seed"):
         value = getattr(args, key, None)
@@ -343,7 +345,8 @@ def _cmd_ablation(args: argparse.Namespace) -> None:
     with output_folder(args.out, args.overwrite or args.resume, keep=keep) as out:
         table = run_ablation(args.data, args.categories, configs, out, args.device, batch_size,
                              progress=not args.quiet, overrides=_overrides(args), seeds=args.seeds,
-                             reference=args.reference, report=not args.no_report, resume=args.resume, base=base)
+                             reference=args.reference, report=not args.no_report, resume=args.resume, base=base,
+                             crop=args.crop)
     print(table)
 
 
@@ -467,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "'seeds', else once); --data may contain {seed} to use one benchmark per seed")
     p.add_argument("--reference", help="config name to pair every other config against (wins/losses per category and seed)")
     p.add_argument("--resume", action="store_true", help="reuse runs already in --out with the same specification")
+    p.add_argument("--crop", choices=["none", "center"], default="center",
+                   help="center: the MVTec protocol (resize, centre crop); none: the whole image. A config's own "
+                        "'crop:' entry wins, so one study can compare both (default center)")
     p.add_argument("--no-report", action="store_true", help="skip the per-run HTML reports")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")

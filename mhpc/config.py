@@ -44,11 +44,16 @@ def _model_keys() -> set[str]:
     return set(inspect.signature(MHPatchCore.__init__).parameters) - {"self"}
 
 
+# Keys of a study entry that are not model parameters: its name, and how its images are cropped
+# ("center": the MVTec protocol, "none": the whole image), so that crop can be an ablation axis.
+RUN_KEYS = ("name", "crop")
+
+
 def normalise_config(raw: dict[str, Any], source: str = "config") -> dict[str, Any]:
-    """Expands aliases and refuses unknown keys, naming the source. ``name`` is kept aside."""
+    """Expands aliases and refuses unknown keys, naming the source. ``name`` and ``crop`` are kept aside."""
     if not isinstance(raw, dict):
         raise MHPCError(f"{source}: a configuration must be a mapping, got {type(raw).__name__}")
-    keys = _model_keys() | {"name"}
+    keys = _model_keys() | set(RUN_KEYS)
     # A ``preset`` entry lies under the entry's own keys, which override it.
     out: dict[str, Any] = preset_params(str(raw["preset"])) if "preset" in raw else {}
     for key, value in raw.items():
@@ -60,6 +65,11 @@ def normalise_config(raw: dict[str, Any], source: str = "config") -> dict[str, A
         out[key] = value
     if "input_shape" in out:
         out["input_shape"] = tuple(out["input_shape"])
+    if "crop" in out:
+        from mhpc.data.transforms import CROP_MODES
+
+        if out["crop"] not in CROP_MODES:
+            raise MHPCError(f"{source}: crop must be one of {list(CROP_MODES)}, got {out['crop']!r}")
     return out
 
 

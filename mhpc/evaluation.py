@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from mhpc.config import config_name
+from mhpc.config import RUN_KEYS, config_name
 from mhpc.core.mh_patch_core import MHPatchCore
 from mhpc.data.datasets import MVTecDataset, make_loader
 from mhpc.data.transforms import make_preprocessing
@@ -31,7 +31,7 @@ def peak_rss_mb() -> float:
 
 
 def build_model(cfg: dict[str, Any], device: str = "cpu", progress: bool = True, crop: int = 224) -> MHPatchCore:
-    params = {k: v for k, v in cfg.items() if k != "name"}
+    params = {k: v for k, v in cfg.items() if k not in RUN_KEYS}
     params["input_shape"] = tuple(params.get("input_shape", (crop, crop)))
     params.setdefault("device", device)
     params.setdefault("progress", progress)

@@ -29,12 +29,13 @@ MARKER = ".mhpc-run"
 
 @contextmanager
 def output_folder(path: str | os.PathLike, overwrite: bool = False, keep: Sequence[str] = (),
-                  flag: str = "--out") -> Iterator[Path]:
+                  flag: str = "--out", keep_written: bool = False) -> Iterator[Path]:
     """An empty, writable folder owned by this run, prepared before any work.
 
     On failure (an error, Ctrl-C, SIGTERM) everything this run wrote is removed again, so nothing is
     left half-written; names in ``keep`` (an old model that the new one replaces atomically at the
-    end) are neither cleared by ``overwrite`` nor removed on failure.
+    end) are neither cleared by ``overwrite`` nor removed on failure. ``keep_written``: keep what was
+    written (an ablation's finished runs, each complete on its own, which ``--resume`` reuses).
     """
     out = Path(path)
     created = not out.exists()
@@ -42,6 +43,8 @@ def output_folder(path: str | os.PathLike, overwrite: bool = False, keep: Sequen
     try:
         yield out
     except BaseException:
+        if keep_written:
+            raise
         for child in out.iterdir():
             if child.name not in keep and child.name != MARKER:
                 _remove(child)

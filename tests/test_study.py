@@ -217,3 +217,69 @@ def test_shipped_study_files_cover_the_24_combinations_and_the_presets():
     assert {"paper", "seed", "best"} <= set(presets) and presets["best"]["patch_embedding"] == PRESETS["best"]["patch_embedding"]
     sweep = load_config_list(files("mhpc") / "configs" / "sweep.yaml")
     assert len({c["name"] for c in sweep}) == len(sweep)
+
+
+def test_study_entry_crop_is_applied_and_equal_entries_run_once(tmp_path, monkeypatch):
+    import mhpc.ablation as ablation
+
+    generate_benchmark(tmp_path / "d", ("grass",), n_train=4, n_test_good=1, n_test_per_defect=1, seed=0,
+                       defect_kinds=("hole",))
+    tiny = dict(backbone="resnet18", pretrained=False, input_shape=[64, 64], target_embed_dimension=32,
+                pretrain_embed_dimension=32, progress=False)
+    cfgs = [dict(name="centre", **tiny), dict(name="whole", crop="none", **tiny), dict(name="twin", **tiny)]
+    calls = []
+    real = ablation.evaluate_in_subprocess
+    monkeypatch.setattr(ablation, "evaluate_in_subprocess", lambda *a, **k: calls.append(a) or real(*a, **k))
+    out = tmp_path / "ab"
+    run_ablation(str(tmp_path / "d"), None, cfgs, out, progress=False, report=False, batch_size=4)
+    assert len(calls) == 2  # "twin" has centre's specification: copied, not rerun
+    crops = {n: json.loads((out / n / "grass" / "run.json").read_text())["crop"] for n in ("centre", "whole")}
+    assert crops == {"centre": "center", "whole": "none"}
+    scores = {n: (out / n / "grass" / "scores.csv").read_text() for n in ("centre", "whole", "twin")}
+    assert scores["twin"] == scores["centre"] != scores["whole"]  # the whole image scores differently
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["config"] for r in rows] == ["centre", "whole", "twin"]
+    # --crop none as the study default: now "centre" (no crop of its own) runs on the whole image too
+    run_ablation(str(tmp_path / "d"), None, cfgs[:1], tmp_path / "ab2", progress=False, report=False, batch_size=4,
+                 crop="none")
+    assert (tmp_path / "ab2" / "centre" / "grass" / "scores.csv").read_text() == scores["whole"]
+
+
+def test_crop_in_a_config_is_checked_and_refused_where_a_flag_sets_it(tmp_path):
+    from mhpc.config import normalise_config
+
+    with pytest.raises(MHPCError, match=r"entry: crop must be one of \['none', 'center'\], got 'diag'"):
+        normalise_config({"crop": "diag"}, "entry")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("crop: none\n")
+    args = build_parser().parse_args(["fit", "--folder", str(tmp_path), "--config", str(cfg), "--out", str(tmp_path / "m")])
+    with pytest.raises(MHPCError, match=r"c.yaml: 'crop' belongs in an ablation study's entries; here use --crop"):
+        _model_config(args)
+
+
+def test_failed_study_keeps_finished_runs_and_resume_continues(tmp_path, monkeypatch, capsys):
+    import mhpc.ablation as ablation
+
+    generate_benchmark(tmp_path / "d", ("grass",), n_train=4, n_test_good=1, n_test_per_defect=1, seed=0,
+                       defect_kinds=("hole",))
+    study = tmp_path / "s.yaml"
+    study.write_text("defaults: {backbone: resnet18, input_shape: [64, 64], target_embed_dimension: 32, "
+                     "pretrain_embed_dimension: 32}\nconfigs:\n  - {name: a}\n  - {name: b, coreset_percentage: 0.2}\n")
+    real = ablation.evaluate_in_subprocess
+
+    def second_fails(cfg, *a, **k):
+        if cfg["name"] == "b":
+            raise MHPCError("run b on grass failed: boom")
+        return real(cfg, *a, **k)
+
+    monkeypatch.setattr(ablation, "evaluate_in_subprocess", second_fails)
+    out = tmp_path / "ab"
+    argv = ["ablation", "--configs", str(study), "--data", str(tmp_path / "d"), "--out", str(out), "--no-report",
+            "--quiet", "--random-init", "--batch-size", "4"]
+    assert main(argv) == 2
+    assert "boom (finished runs are kept in" in capsys.readouterr().err
+    done = out / "a" / "grass" / "metrics.json"
+    stamp = done.stat().st_mtime_ns
+    monkeypatch.setattr(ablation, "evaluate_in_subprocess", real)
+    assert main(argv + ["--resume"]) == 0
+    assert done.stat().st_mtime_ns == stamp and (out / "b" / "grass" / "metrics.json").is_file()

@@ -1,14 +1,15 @@
 """Where the anomaly signal sits in the feature spectrum (ABLATION.md, "Variance spectrum").
 
-Per category: the patch features of the good training images (MobileNetV2, the paper's pooled
-1024-d embedding, the study's 128x128 input), the eigen-spectrum of their covariance (shrunk as the
+Per benchmark and category: the patch features of the good training images (MobileNetV2, the
+paper's pooled 1024-d embedding or anomalib's unpooled one, the study's 128x128 input), the eigen-spectrum of their covariance (shrunk as the
 Whitener does by default), and the test scores of two Mahalanobis detectors restricted to the top-k
 or the bottom-k principal components:
   gauss: distance of each patch to the Gaussian's mean (Rippel et al. 2020, one Gaussian);
   nn:    PatchCore's nearest-neighbour distance in whitened coordinates (our MAHALANOBIS + NONE).
 Image score = max over patches, as everywhere in mhpc.
 
-    PYTHONPATH=. python bench/spectrum.py --data STUDY/seed0 --out docs/ablation/spectrum
+    PYTHONPATH=. python bench/spectrum.py --data STUDY/seed0 STUDY/seed1 STUDY/seed2 --embedding pooled \
+        --out docs/ablation/spectrum
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from mhpc.data.datasets import MVTecDataset, make_loader  # noqa: E402
 from mhpc.metrics import image_auroc, pixel_auroc  # noqa: E402
 
 KS = [4, 8, 16, 32, 64, 128, 256, 512, 1024]
-NN_KS = [32, 128]
+NN_KS = [16, 32, 128]  # those below the rank
 SIZE = 128
 
 
@@ -51,13 +52,13 @@ def scores(patch: torch.Tensor, grid: tuple[int, int], labels, masks) -> tuple[f
     return image_auroc(labels, patch.max(1).values.numpy()), pixel_auroc(masks, maps)
 
 
-def analyse(root: str, category: str, shrinkage: float) -> dict:
-    model = MHPatchCore(backbone="mobilenet_v2", input_shape=(SIZE, SIZE), progress=False)
+def analyse(root: str, category: str, shrinkage: float, embedding: str) -> dict:
+    model = MHPatchCore(backbone="mobilenet_v2", input_shape=(SIZE, SIZE), progress=False, patch_embedding=embedding)
     model._validate()
     model._build()
-    resize = round(SIZE * 256 / 224)
-    train, _, _ = features(model, MVTecDataset(root, category, "train", resize, SIZE))
-    test, labels, masks = features(model, MVTecDataset(root, category, "test", resize, SIZE))
+    # the study's preprocessing: resize 146, centre crop 128
+    train, _, _ = features(model, MVTecDataset(root, category, "train", input_size=SIZE, crop="center"))
+    test, labels, masks = features(model, MVTecDataset(root, category, "test", input_size=SIZE, crop="center"))
     n_img, p, d = test.shape
     grid = (int(round(p**0.5)),) * 2
     x = train.reshape(-1, d)
@@ -76,14 +77,14 @@ def analyse(root: str, category: str, shrinkage: float) -> dict:
     z_test = ((test.reshape(-1, d) - mean) @ evecs) / evals.sqrt()  # whitened coordinates
     sq = z_test**2
     top_cum, bottom_cum = sq.cumsum(1), sq.flip(1).cumsum(1)
-    out = {"category": category, "explained_variance_ratio": ratio.tolist(), "rank": rank,
+    out = {"data": root, "category": category, "explained_variance_ratio": ratio.tolist(), "rank": rank,
            "components_for": {str(q): int(np.searchsorted(np.cumsum(ratio), q) + 1) for q in (0.9, 0.99, 0.999)},
            "gauss": {}, "nn": {}}
     for k in [k for k in KS if k < rank] + [rank]:
         for side, cum in (("top", top_cum), ("bottom", bottom_cum)):
             out["gauss"][f"{side}{k}"] = scores(cum[:, k - 1].sqrt().reshape(n_img, p), grid, labels, masks)
     z_train = ((x - mean) @ evecs) / evals.sqrt()
-    for k in NN_KS:
+    for k in [k for k in NN_KS if k < rank]:
         for side, idx in (("top", slice(0, k)), ("bottom", slice(rank - k, rank))):
             bank, query = z_train[:, idx].float(), z_test[:, idx].float()
             nearest = torch.cat([torch.cdist(q, bank).min(1).values for q in query.split(4096)])
@@ -109,9 +110,10 @@ def plot(results: list[dict], path: Path) -> None:
         axes[1].semilogx(ks, auc, style, label=f"Gaussian Mahalanobis, {side}-k components")
     full = np.mean([r["gauss"][f"top{r['rank']}"][0] for r in results])
     axes[1].axhline(full, color="grey", ls="--", label=f"all {rank}+ non-null components")
+    nn_ks = [k for k in NN_KS if k < rank]
     for side, marker in (("top", "^"), ("bottom", "v")):
-        auc = [np.mean([r["nn"][f"{side}{k}"][0] for r in results]) for k in NN_KS]
-        axes[1].semilogx(NN_KS, auc, marker, ms=9, ls="none", label=f"whitened nearest neighbour, {side}-k")
+        auc = [np.mean([r["nn"][f"{side}{k}"][0] for r in results]) for k in nn_ks]
+        axes[1].semilogx(nn_ks, auc, marker, ms=9, ls="none", label=f"whitened nearest neighbour, {side}-k")
     axes[1].set(xlabel="k (components used, counted inside the rank)", ylabel="image AUROC (mean over categories)",
                 title="Where the anomaly signal sits")
     axes[1].legend(fontsize=7)
@@ -122,7 +124,8 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", required=True, nargs="+", help="one or more benchmark roots (e.g. one per seed)")
+    ap.add_argument("--embedding", choices=["pooled", "unpooled"], default="pooled")
     ap.add_argument("--categories", nargs="+")
     ap.add_argument("--shrinkage", type=float, default=0.01)
     ap.add_argument("--out", required=True, help="output prefix: writes PREFIX.json and PREFIX.png")
@@ -133,12 +136,13 @@ def main() -> None:
         plot(json.loads(out.with_suffix(".json").read_text()), out.with_suffix(".png"))
         return
     torch.manual_seed(0)
-    results = [analyse(args.data, c, args.shrinkage) for c in (args.categories or discover_categories(args.data))]
+    results = [analyse(root, c, args.shrinkage, args.embedding) for root in args.data
+               for c in (args.categories or discover_categories(root))]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results))
     plot(results, out.with_suffix(".png"))
     for r in results:
-        print(r["category"], r["components_for"], {k: round(v[0], 3) for k, v in r["gauss"].items()},
+        print(r["data"], r["category"], r["rank"], r["components_for"], {k: round(v[0], 3) for k, v in r["gauss"].items()},
               {k: round(v[0], 3) for k, v in r["nn"].items()})
 
 

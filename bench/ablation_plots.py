@@ -66,6 +66,8 @@ def sweep_plots(sweep: str, results: list[dict], out: Path) -> None:
     """Entries named ``<param>=<value>`` (or with ``group`` and ``label``) are grouped by parameter."""
     groups: dict[str, list[str]] = {}
     for c in load_config_list(sweep):
+        if "=" not in str(c["name"]):  # a reference entry (paper, best), not a swept value
+            continue
         param = str(c["name"]).split("=")[0].split(" ")[0]
         groups.setdefault(param, []).append(str(c["name"]))
     for param, names in groups.items():

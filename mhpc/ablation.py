@@ -120,6 +120,29 @@ def _spec_key(spec: dict[str, Any]) -> str:
     return json.dumps({**spec, "cfg": {**spec["cfg"], "name": None}}, sort_keys=True, default=str)
 
 
+def _remove_unfinished(run_dir: Path, out: Path) -> None:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in run_dir.parents:  # the config/seed folders it leaves empty
+        if parent == out or not parent.is_dir() or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
+def _copy_run(source: Path, run_dir: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """``source``'s finished run as ``run_dir`` (under this entry's name), placed whole by one rename."""
+    tmp = run_dir.with_name(run_dir.name + ".copying")
+    for stale in (tmp, run_dir):
+        shutil.rmtree(stale, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    metrics = json.loads((tmp / "metrics.json").read_text()) | {"config": config_name(spec["cfg"])}
+    run = json.loads((tmp / "run.json").read_text()) | {"cfg": spec["cfg"], "out_dir": str(run_dir),
+                                                        "copied_from": str(source)}
+    (tmp / "run.json").write_text(json.dumps(run, indent=2))
+    atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=2))
+    tmp.rename(run_dir)
+    return metrics | {"warnings": []}
+
+
 def _cached(run_dir: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     """The metrics of an earlier run with exactly this specification, if complete."""
     try:
@@ -167,6 +190,9 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
     for seed in seed_list:
         root = str(data_root).format(seed=seed) if seed is not None and "{seed}" in str(data_root) else str(data_root)
         cats = categories or discover_categories(root)
+        for category in cats:  # before any run: a typo must not fail the study hours in
+            if not (Path(root) / category / "train").is_dir():
+                raise MHPCError(f"category {category!r} not found: no folder {Path(root) / category / 'train'}")
         for cfg, name in zip(cfgs, names):
             cfg = {**(base or {}), **cfg, **(overrides or {})}
             if seed is not None:
@@ -188,10 +214,14 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
         twin = done.get(_spec_key(spec))
         if metrics is None and twin is not None:
             # Two entries with one specification (a sweep's default value under two names) run once.
-            shutil.copytree(twin, run_dir, dirs_exist_ok=True)
-            metrics = json.loads((run_dir / "metrics.json").read_text()) | {"warnings": []}
+            metrics = _copy_run(twin, run_dir, spec)
         if metrics is None:
-            metrics = evaluate_in_subprocess(cfg, root, category, run_dir, device, batch_size, False, report, run_crop)
+            try:
+                metrics = evaluate_in_subprocess(cfg, root, category, run_dir, device, batch_size, False, report,
+                                                 run_crop)
+            except BaseException:  # the unfinished run goes; the finished ones stay for --resume
+                _remove_unfinished(run_dir, out)
+                raise
         done.setdefault(_spec_key(spec), run_dir)
         for message in metrics.get("warnings", []):
             tqdm.write(f"warning ({rel}): {message}", file=sys.stderr)

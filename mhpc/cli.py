@@ -343,15 +343,17 @@ def _cmd_ablation(args: argparse.Namespace) -> None:
     out_dir = Path(args.out)
     keep = tuple(p.name for p in out_dir.iterdir() if p.name != MARKER) if args.resume and out_dir.is_dir() else ()
     # A failed or interrupted study keeps its finished runs (hours of work): --resume continues it.
+    opened = False
     try:
         with output_folder(args.out, args.overwrite or args.resume, keep=keep, keep_written=True) as out:
+            opened = True
             table = run_ablation(args.data, args.categories, configs, out, args.device, batch_size,
                                  progress=not args.quiet, overrides=_overrides(args), seeds=args.seeds,
                                  reference=args.reference, report=not args.no_report, resume=args.resume, base=base,
                                  crop=args.crop)
     except MHPCError as exc:
-        if (out_dir / MARKER).exists():
-            raise MHPCError(f"{exc} (finished runs are kept in {out_dir}: add --resume to continue)") from None
+        if opened and any(out_dir.glob("**/metrics.json")):
+            raise MHPCError(f"{exc} (finished runs are kept in {out_dir}: rerun with --resume to continue)") from None
         raise
     print(table)
 

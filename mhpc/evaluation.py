@@ -93,13 +93,14 @@ def evaluate_category(cfg: dict[str, Any], data_root: str | Path, category: str,
     atomic_write_csv(out / "scores.csv", ["image_path", "label", "score", "map_path", "gt_path"],
                      [[str(s.image), int(label), repr(float(score)), str(Path("maps") / rel), str(Path("gt") / rel)]
                       for s, label, score, rel in zip(test_ds.samples, labels, scores, rel_names)])
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     if report:
         from mhpc.report import write_run_report
 
         images = [test_ds[i]["image"] for i in range(len(test_ds))]
         write_run_report(out / "report.html", metrics, labels, scores, masks, maps, images,
                          [str(s.image) for s in test_ds.samples])
+    # Last: a run folder with metrics.json is complete (ablation --resume relies on it).
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 

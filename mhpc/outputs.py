@@ -43,9 +43,7 @@ def output_folder(path: str | os.PathLike, overwrite: bool = False, keep: Sequen
     try:
         yield out
     except BaseException:
-        if keep_written:
-            raise
-        for child in out.iterdir():
+        for child in out.iterdir() if not keep_written else ():
             if child.name not in keep and child.name != MARKER:
                 _remove(child)
         if not any(c.name != MARKER for c in out.iterdir()):  # kept files stay in an mhpc folder

@@ -233,6 +233,9 @@ def test_study_entry_crop_is_applied_and_equal_entries_run_once(tmp_path, monkey
     out = tmp_path / "ab"
     run_ablation(str(tmp_path / "d"), None, cfgs, out, progress=False, report=False, batch_size=4)
     assert len(calls) == 2  # "twin" has centre's specification: copied, not rerun
+    twin_run = json.loads((out / "twin" / "grass" / "run.json").read_text())
+    assert twin_run["cfg"]["name"] == "twin" and twin_run["copied_from"] == str(out / "centre" / "grass")
+    assert json.loads((out / "twin" / "grass" / "metrics.json").read_text())["config"] == "twin"
     crops = {n: json.loads((out / n / "grass" / "run.json").read_text())["crop"] for n in ("centre", "whole")}
     assert crops == {"centre": "center", "whole": "none"}
     scores = {n: (out / n / "grass" / "scores.csv").read_text() for n in ("centre", "whole", "twin")}
@@ -268,7 +271,9 @@ def test_failed_study_keeps_finished_runs_and_resume_continues(tmp_path, monkeyp
     real = ablation.evaluate_in_subprocess
 
     def second_fails(cfg, *a, **k):
-        if cfg["name"] == "b":
+        if cfg["name"] == "b":  # as a real run: its folder and run.json exist when it fails
+            (a[2]).mkdir(parents=True)
+            (a[2] / "run.json").write_text("{}")
             raise MHPCError("run b on grass failed: boom")
         return real(cfg, *a, **k)
 
@@ -281,5 +286,11 @@ def test_failed_study_keeps_finished_runs_and_resume_continues(tmp_path, monkeyp
     done = out / "a" / "grass" / "metrics.json"
     stamp = done.stat().st_mtime_ns
     monkeypatch.setattr(ablation, "evaluate_in_subprocess", real)
+    assert not (out / "b").exists()  # the failed run's folder is removed
     assert main(argv + ["--resume"]) == 0
+    capsys.readouterr()
     assert done.stat().st_mtime_ns == stamp and (out / "b" / "grass" / "metrics.json").is_file()
+    # a study that fails before any run (an unknown category) leaves no folder behind and no resume hint
+    assert main(argv + ["--out", str(tmp_path / "none"), "--categories", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "category 'nope' not found" in err and "--resume" not in err and not (tmp_path / "none").exists()

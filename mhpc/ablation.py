@@ -150,6 +150,8 @@ def _cached(run_dir: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    old.setdefault("crop", "center")  # runs from before crop was a study setting were centre-cropped
+
     def same(k: str) -> bool:  # a run's name does not change its result
         a, b = old.get(k), spec[k]
         if k == "cfg" and isinstance(a, dict):

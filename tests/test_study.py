@@ -201,6 +201,8 @@ def test_ablation_runs_every_seed_on_its_own_data_and_resumes(tmp_path):
     assert json.loads((out / "tiny" / "seed1" / "grass" / "run.json").read_text())["data_root"].endswith("d1")
     assert "| tiny | grass |" in table
     stamp = (out / "tiny" / "seed1" / "grass" / "metrics.json").stat().st_mtime_ns
+    old = out / "tiny" / "seed1" / "grass" / "run.json"  # as written before crop was a study setting
+    old.write_text(json.dumps({k: v for k, v in json.loads(old.read_text()).items() if k != "crop"}))
     assert run_ablation(str(tmp_path / "d{seed}"), None, cfgs, out, resume=True, **kw) == table
     assert (out / "tiny" / "seed1" / "grass" / "metrics.json").stat().st_mtime_ns == stamp  # not rerun
 

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 from mhpc.ablation import COLUMNS, markdown_table, paired_comparison, paired_table, summarise  # noqa: E402
 from mhpc.config import config_name, load_config_list  # noqa: E402
+from mhpc.outputs import safe_name  # noqa: E402
 
 AXES = {"algorithm": ("VANILLA", ["ONLINE"]), "feature_reduction": ("NONE", ["PCA"]),
         "aggregation": ("GREEDY", ["KMEANS", "NONE"]), "distance": ("EUCLIDEAN", ["MAHALANOBIS"])}
@@ -31,8 +32,9 @@ METRICS = (("image_auroc", "image AUROC"), ("pixel_aupro", "AUPRO"))
 
 
 def axis_plots(configs: str, results: list[dict], out: Path) -> dict:
-    cfgs = {config_name(c): c for c in load_config_list(configs)}
-    by_key = {(tuple(cfgs[r["config"]][a] for a in AXES), r["category"], r.get("seed")): r for r in results}
+    cfgs = {safe_name(config_name(c)): c for c in load_config_list(configs)}
+    by_key = {(tuple(cfgs[r["config"]][a] for a in AXES), r["category"], r.get("seed")): r for r in results
+              if r["config"] in cfgs}
     summary = {}
     for axis, (ref, levels) in AXES.items():
         i = list(AXES).index(axis)
@@ -69,20 +71,30 @@ def sweep_plots(sweep: str, results: list[dict], out: Path) -> None:
         if "=" not in str(c["name"]):  # a reference entry (paper, best), not a swept value
             continue
         param = str(c["name"]).split("=")[0].split(" ")[0]
-        groups.setdefault(param, []).append(str(c["name"]))
+        groups.setdefault(param, []).append(safe_name(str(c["name"])))  # results name runs by folder
     for param, names in groups.items():
+        # "<param>=<series>_<value>" (crop=paper_none) draws one line per series; "<param>=<value>" one line.
+        parts = [n.split("=", 1)[-1].split("_", 1) if n.split("=", 1)[-1].count("_") == 1 else ["", n.split("=", 1)[-1]]
+                 for n in names]
+        values = list(dict.fromkeys(v for _, v in parts))
         fig, axs = plt.subplots(1, 2, figsize=(9, 3.6))
         for (metric, label), ax in zip(METRICS, axs):
-            means, stds = [], []
-            for name in names:
-                rows = [r for r in results if r["config"] == name]
-                seeds = sorted({r.get("seed") for r in rows}, key=str)
-                per_seed = [np.mean([float(r[metric]) for r in rows if r.get("seed") == s]) for s in seeds]
-                means.append(np.mean(per_seed) if per_seed else np.nan)
-                stds.append(np.std(per_seed, ddof=1) if len(per_seed) > 1 else 0.0)
-            ax.errorbar(range(len(names)), means, yerr=stds, fmt="-o", capsize=3)
-            ax.set_xticks(range(len(names)), [n.split("=", 1)[-1] for n in names], rotation=20, fontsize=8)
-            ax.set(ylabel=f"mean {label}", title=f"{param}: {label}")
+            for series in dict.fromkeys(s for s, _ in parts):
+                xs, means, stds = [], [], []
+                for name, (s, v) in zip(names, parts):
+                    if s != series:
+                        continue
+                    rows = [r for r in results if r["config"] == name]
+                    seeds = sorted({r.get("seed") for r in rows}, key=str)
+                    per_seed = [np.mean([float(r[metric]) for r in rows if r.get("seed") == sd]) for sd in seeds]
+                    xs.append(values.index(v))
+                    means.append(np.mean(per_seed) if per_seed else np.nan)
+                    stds.append(np.std(per_seed, ddof=1) if len(per_seed) > 1 else 0.0)
+                ax.errorbar(xs, means, yerr=stds, fmt="-o", capsize=3, label=series or None)
+            ax.set_xticks(range(len(values)), values, rotation=20, fontsize=8)
+            ax.set(ylabel=f"mean {label} (± std over seeds)", title=f"{param}: {label}")
+            if any(s for s, _ in parts):
+                ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / f"sweep_{param}.png", dpi=100)
         plt.close(fig)
@@ -109,7 +121,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = [r for f in args.results for r in json.loads(Path(f).read_text())]
-    order = [config_name(c) for f in (args.configs, args.sweep) if f for c in load_config_list(f)]
+    order = [safe_name(config_name(c)) for f in (args.configs, args.sweep) if f for c in load_config_list(f)]
     for folder in args.collect:
         rows = sorted(collect(Path(folder)), key=lambda r: (order.index(r["config"]) if r["config"] in order else
                                                             len(order), r["seed"]))

@@ -95,15 +95,17 @@ def analyse(root: str, category: str, shrinkage: float, embedding: str) -> dict:
 def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     rank = min(r["rank"] for r in results)
-    for r in results:
+    colours = {c: f"C{i}" for i, c in enumerate(dict.fromkeys(r["category"] for r in results))}
+    for i, r in enumerate(results):  # one colour and one legend entry per category, whatever the seeds
+        first = all(q["category"] != r["category"] for q in results[:i])
         axes[0].semilogy(np.arange(1, len(r["explained_variance_ratio"]) + 1), r["explained_variance_ratio"],
-                         label=r["category"])
+                         color=colours[r["category"]], lw=0.8, label=r["category"] if first else None)
     axes[0].axvline(rank, color="k", lw=0.8, label=f"numerical rank {rank}")
     axes[0].set(xlabel="principal component", ylabel="explained variance ratio", title="Variance spectrum (train patches)")
     for q, style in (("0.9", ":"), ("0.99", "--"), ("0.999", "-.")):
         k = np.mean([r["components_for"][q] for r in results])
         axes[0].axvline(k, ls=style, color="grey", label=f"{float(q):.1%} variance: {k:.0f} comps (mean)")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, ncol=2)
     ks = [k for k in KS if k < rank]
     for side, style in (("top", "-o"), ("bottom", "-s")):
         auc = [np.mean([r["gauss"][f"{side}{k}"][0] for r in results]) for k in ks]

@@ -96,7 +96,7 @@ def sweep_plots(sweep: str, results: list[dict], out: Path) -> None:
             if any(s for s, _ in parts):
                 ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / f"sweep_{param}.png", dpi=100)
+        fig.savefig(out / f"{Path(sweep).stem}_{param}.png", dpi=100)  # sweep_*.png, sweep2_*.png
         plt.close(fig)
 
 
@@ -112,7 +112,8 @@ def collect(run_root: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", help="the 24-combination study file")
-    ap.add_argument("--sweep", help="a sweep study file (entries named param=value)")
+    ap.add_argument("--sweep", nargs="+", default=[], help="sweep study files (entries named param=value); "
+                    "plots are named after the file: sweep_<param>.png")
     ap.add_argument("--results", nargs="+", default=[], help="results.json files of mhpc ablation")
     ap.add_argument("--collect", nargs="+", default=[], help="ablation output folders, read run by run (partial ok)")
     ap.add_argument("--reference", help="with --collect: write table.md (mean ± std, paired against this config)")
@@ -121,7 +122,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = [r for f in args.results for r in json.loads(Path(f).read_text())]
-    order = [safe_name(config_name(c)) for f in (args.configs, args.sweep) if f for c in load_config_list(f)]
+    order = [safe_name(config_name(c)) for f in [args.configs, *args.sweep] if f for c in load_config_list(f)]
     for folder in args.collect:
         rows = sorted(collect(Path(folder)), key=lambda r: (order.index(r["config"]) if r["config"] in order else
                                                             len(order), r["seed"]))
@@ -136,8 +137,9 @@ def main() -> None:
         (out / "axes.json").write_text(json.dumps(summary, indent=2))
         for k, v in summary.items():
             print(f"{k}: mean {v['mean']:+.4f}, wins {v['wins']}/{v['n']}, losses {v['losses']}")
-    if args.sweep:
-        sweep_plots(args.sweep, results, out)
+    for sweep in args.sweep:  # each sweep's plots from its own folder's runs (names repeat across sweeps)
+        folder = [f for f in args.collect if Path(f).name == Path(sweep).stem]
+        sweep_plots(sweep, collect(Path(folder[0])) if folder else results, out)
 
 
 if __name__ == "__main__":

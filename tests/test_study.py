@@ -219,6 +219,10 @@ def test_shipped_study_files_cover_the_24_combinations_and_the_presets():
     assert {"paper", "seed", "best"} <= set(presets) and presets["best"]["patch_embedding"] == PRESETS["best"]["patch_embedding"]
     sweep = load_config_list(files("mhpc") / "configs" / "sweep.yaml")
     assert len({c["name"] for c in sweep}) == len(sweep)
+    # round 2 of the sweep is centred on the preset it confirmed (ABLATION.md): they must not drift apart
+    sweep2 = {c["name"]: c for c in load_config_list(files("mhpc") / "configs" / "sweep2.yaml")}
+    centre = {k: v for k, v in sweep2["best-kmeans5"].items() if k not in ("name", "backbone", "input_shape")}
+    assert centre == PRESETS["best"]
 
 
 def test_study_entry_crop_is_applied_and_equal_entries_run_once(tmp_path, monkeypatch):

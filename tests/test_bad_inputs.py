@@ -497,7 +497,8 @@ def test_ablation_run_names_stay_inside_out(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(ablation, "evaluate_in_subprocess", fake)
     (tmp_path / "d" / "cat" / "train").mkdir(parents=True)
-    ablation.run_ablation(tmp_path / "d", None, [{"name": "../../x"}, {"name": "ok"}], tmp_path / "o", progress=True)
+    ablation.run_ablation(tmp_path / "d", None, [{"name": "../../x"}, {"name": "ok", "seed": 1}], tmp_path / "o",
+                          progress=True)  # two specifications: equal ones would run once
     assert [p.relative_to(tmp_path / "o").parts for p in seen] == [("_.._x", "cat"), ("ok", "cat")]
     err = capsys.readouterr().err
     assert "ablation runs: 100%" in err and "2/2" in err  # one overall bar, runs done of all

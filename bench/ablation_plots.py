@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mhpc.ablation import COLUMNS, markdown_table, paired_comparison, paired_table, summarise  # noqa: E402
+from mhpc.ablation import COLUMNS, TIE, markdown_table, paired_comparison, paired_table, summarise  # noqa: E402
 from mhpc.config import config_name, load_config_list  # noqa: E402
 from mhpc.outputs import safe_name  # noqa: E402
 
@@ -53,8 +53,8 @@ def axis_plots(configs: str, results: list[dict], out: Path) -> dict:
                 if not diffs:
                     continue
                 summary[f"{axis}:{level}-{ref}:{metric}"] = dict(
-                    mean=float(np.mean(diffs)), wins=int(np.sum(np.array(diffs) > 0)),
-                    losses=int(np.sum(np.array(diffs) < 0)), n=len(diffs))
+                    mean=float(np.mean(diffs)), wins=int(np.sum(np.array(diffs) > TIE)),
+                    losses=int(np.sum(np.array(diffs) < -TIE)), n=len(diffs))
             ax.boxplot(boxes, tick_labels=[f"{lv} − {ref}" for lv in levels])
             ax.axhline(0, color="grey", lw=0.8)
             ax.set(ylabel=f"Δ {label}", title=f"{axis}: {label}")

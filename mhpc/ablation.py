@@ -26,6 +26,7 @@ COLUMNS = ["config", "category", "image_auroc", "pixel_auroc", "pixel_aupro", "f
            "predict_ms_per_image", "peak_rss_mb", "memory_bank_size", "memory_bank_dim"]
 _MEANED = COLUMNS[2:]
 PAIRED_METRICS = ("image_auroc", "pixel_aupro")
+TIE = 1e-9  # a paired difference this small is a tie
 
 
 def discover_categories(data_root: str | Path) -> list[str]:
@@ -96,8 +97,9 @@ def paired_comparison(rows: list[dict[str, Any]], reference: str) -> list[dict[s
         row: dict[str, Any] = {"config": name, "pairs": len(pairs)}
         for m in PAIRED_METRICS:
             diffs = np.array([float(a[m]) - float(b[m]) for a, b in pairs])
-            row[f"{m}_wins"], row[f"{m}_losses"] = int((diffs > 0).sum()), int((diffs < 0).sum())
-            row[f"{m}_ties"] = int((diffs == 0).sum())
+            # Metrics computed two ways can differ by float rounding (1e-16) on identical rankings: a tie.
+            row[f"{m}_wins"], row[f"{m}_losses"] = int((diffs > TIE).sum()), int((diffs < -TIE).sum())
+            row[f"{m}_ties"] = int((np.abs(diffs) <= TIE).sum())
             row[f"{m}_diff"] = float(diffs.mean()) if diffs.size else 0.0
         out.append(row)
     return out

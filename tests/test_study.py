@@ -183,6 +183,11 @@ def test_summary_is_mean_and_std_over_seeds_and_paired_counts():
     assert pair["image_auroc_diff"] == pytest.approx(0.05)
     with pytest.raises(MHPCError, match="'other'"):
         paired_comparison(_rows(), "other")
+    # the same ranking summed in another order (0.1 + 0.2 != 0.3 in floats) is a tie, not a win
+    rows = [{"config": c, "category": "a", "seed": 0, "image_auroc": v, "pixel_aupro": 0.5}
+            for c, v in (("ref", 0.3), ("new", 0.1 + 0.2))]
+    (pair,) = paired_comparison(rows, "ref")
+    assert (pair["image_auroc_wins"], pair["image_auroc_ties"], pair["image_auroc_losses"]) == (0, 1, 0)
 
 
 def test_ablation_runs_every_seed_on_its_own_data_and_resumes(tmp_path):

@@ -65,7 +65,7 @@ def axis_plots(configs: str, results: list[dict], out: Path) -> dict:
 
 
 def sweep_plots(sweep: str, results: list[dict], out: Path) -> None:
-    """Entries named ``<param>=<value>`` (or with ``group`` and ``label``) are grouped by parameter."""
+    """Entries named ``<param>=<value>`` or ``<param>=<series> <value>`` are grouped by parameter; others skipped."""
     groups: dict[str, list[str]] = {}
     for c in load_config_list(sweep):
         if "=" not in str(c["name"]):  # a reference entry (paper, best), not a swept value

@@ -146,21 +146,16 @@ def _copy_run(source: Path, run_dir: Path, spec: dict[str, Any]) -> dict[str, An
 
 
 def _cached(run_dir: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
-    """The metrics of an earlier run with exactly this specification, if complete."""
+    """The metrics of an earlier run with exactly this specification (its name aside), if complete."""
     try:
         old = json.loads((run_dir / "run.json").read_text())
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
     old.setdefault("crop", "center")  # runs from before crop was a study setting were centre-cropped
-
-    def same(k: str) -> bool:  # a run's name does not change its result
-        a, b = old.get(k), spec[k]
-        if k == "cfg" and isinstance(a, dict):
-            a, b = {**a, "name": None}, {**b, "name": None}
-        return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-
-    return metrics if all(same(k) for k in ("cfg", "data_root", "category", "crop")) else None
+    if not isinstance(old.get("cfg"), dict):
+        return None
+    return metrics if _spec_key({k: old.get(k) for k in spec}) == _spec_key(spec) else None
 
 
 def run_ablation(data_root: str | Path, categories: list[str] | None, configs: str | Path | list[dict],
@@ -214,8 +209,9 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
         bar.set_postfix_str(rel)
         run_dir = out / rel
         spec = {"cfg": cfg, "data_root": root, "category": category, "crop": run_crop}
+        key = _spec_key(spec)
         metrics = _cached(run_dir, spec) if resume else None
-        twin = done.get(_spec_key(spec))
+        twin = done.get(key)
         if metrics is None and twin is not None:
             # Two entries with one specification (a sweep's default value under two names) run once.
             metrics = _copy_run(twin, run_dir, spec)
@@ -226,7 +222,7 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
             except BaseException:  # the unfinished run goes; the finished ones stay for --resume
                 _remove_unfinished(run_dir, out)
                 raise
-        done.setdefault(_spec_key(spec), run_dir)
+        done.setdefault(key, run_dir)
         for message in metrics.get("warnings", []):
             tqdm.write(f"warning ({rel}): {message}", file=sys.stderr)
         rows.append({c: metrics.get(c) for c in COLUMNS} | {"config": name, "seed": seed})

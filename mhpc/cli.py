@@ -203,7 +203,6 @@ def _cmd_update(args: argparse.Namespace) -> None:
     from mhpc.core.mh_patch_core import MHPatchCore
     from mhpc.core.model_file import MODEL_FILENAME
     from mhpc.data.datasets import make_loader
-    from mhpc.data.transforms import make_preprocessing
     from mhpc.outputs import output_folder
     from mhpc.validation import check_batch_size
 
@@ -214,26 +213,36 @@ def _cmd_update(args: argparse.Namespace) -> None:
         raise MHPCError(f"{args.model} was saved without its fit state (keep_fit_state=False), so it cannot be "
                         "updated; refit it with mhpc fit")
     model.progress = not args.quiet
-    # Models saved before the preprocessing was recorded were fitted with the MVTec protocol.
-    pre = model.preprocessing_ or make_preprocessing(tuple(model.input_shape), "center")
+    pre = _saved_preprocessing(model)
     if pre.get("tile"):
         raise MHPCError(f"{args.model} was fitted on tiles; mhpc update reads whole images, so refit it with mhpc fit")
     full, fit_idx, hold_idx = _good_images(args, pre)
     before = model.n_train_images_
     start = time.perf_counter()
     hold = make_loader(full.subset(hold_idx), batch_size) if hold_idx else None
+
+    def update_and_save(target: str | Path) -> Path:
+        model.update(make_loader(full.subset(fit_idx), batch_size), hold, args.threshold_quantile)
+        return model.save(target)
+
     if args.out:
         with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,)) as out:
-            model.update(make_loader(full.subset(fit_idx), batch_size), hold, args.threshold_quantile)
-            target = model.save(out)
+            target = update_and_save(out)
     else:
-        model.update(make_loader(full.subset(fit_idx), batch_size), hold, args.threshold_quantile)
-        target = model.save(args.model)  # atomic: a temporary file renamed over the model, never half-written
+        target = update_and_save(args.model)  # atomic: a temporary file renamed over the model, never half-written
     threshold = getattr(model, "threshold_", None)
     note = "recalibrated" if hold_idx else "kept"
     print(f"updated with {len(fit_idx)} images ({before} -> {model.n_train_images_}) in "
           f"{time.perf_counter() - start:.1f} s; memory bank {tuple(model.memory_bank_.shape)}; threshold "
           f"{threshold if threshold is None else f'{threshold:.4g}'} ({note}); saved {target}")
+
+
+def _saved_preprocessing(model: Any) -> dict[str, Any]:
+    """The preprocessing a loaded model was fitted with; models saved before it was recorded were fitted
+    with the MVTec protocol."""
+    from mhpc.data.transforms import make_preprocessing
+
+    return model.preprocessing_ or make_preprocessing(tuple(model.input_shape), "center")
 
 
 class _ExportedScorer:
@@ -264,7 +273,6 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from mhpc.core.model_file import resolve_model_path
     from mhpc.data.datasets import ImageFilesDataset
     from mhpc.data.tiling import TiledDataset, score_dataset
-    from mhpc.data.transforms import make_preprocessing
     from mhpc.outputs import output_folder, refuse_inputs_inside
     from mhpc.prediction import PredictionWriter
     from mhpc.validation import check_batch_size
@@ -273,8 +281,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     if args.engine == "torch":
         model = MHPatchCore.load(args.model, device=args.device)
         model.progress = not args.quiet
-        # Models saved before the preprocessing was recorded were fitted with the MVTec protocol.
-        pre = model.preprocessing_ or make_preprocessing(tuple(model.input_shape), "center")
+        pre = _saved_preprocessing(model)
         threshold = getattr(model, "threshold_", None)
     else:  # a file from `mhpc export`, fed by the same dataset pipeline as torch
         if args.ray is not None:

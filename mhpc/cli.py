@@ -62,6 +62,26 @@ def _add_ray_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run on Ray (pip install 'mhpc[distributed]'): no ADDRESS starts a local Ray, "
                         "'auto' joins the running cluster, 'ray://HOST:PORT' a remote one")
+    p.add_argument("--ray-timeout", type=float, metavar="SECONDS",
+                   help="with --ray ADDRESS: how long to wait for the address to answer (default 30)")
+
+
+def _check_ray_options(args: argparse.Namespace) -> None:
+    """Before any work: Ray installed, --ray-timeout only with --ray, and the address answering."""
+    if args.ray is None:
+        if args.ray_timeout is not None:
+            raise MHPCError("--ray-timeout needs --ray")
+        return
+    from mhpc.distributed import check_ray_address, import_ray
+
+    import_ray()  # a missing extra is one line before any work
+    check_ray_address(args.ray or None, _ray_timeout(args))
+
+
+def _ray_timeout(args: argparse.Namespace) -> float:
+    from mhpc.distributed import DEFAULT_RAY_TIMEOUT
+
+    return DEFAULT_RAY_TIMEOUT if args.ray_timeout is None else args.ray_timeout
 
 
 def _add_quiet(p: argparse.ArgumentParser) -> None:
@@ -133,10 +153,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         raise MHPCError("--shards needs --ray")
     if args.ray is not None and args.tile:
         raise MHPCError("--tile cannot be combined with --ray: a distributed fit reads whole images")
-    if args.ray is not None:
-        from mhpc.distributed import import_ray
-
-        import_ray()  # a missing extra is one line before any work
+    _check_ray_options(args)
     batch_size = check_batch_size(args.batch_size)
     cfg = _model_config(args)
     pre = _preprocessing(args, cfg)
@@ -147,8 +164,11 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,)) as out:
         start = time.perf_counter()
         if args.ray is not None:
-            model.fit_distributed([str(full.samples[i].image) for i in fit_idx], ray_address=args.ray or None,
-                                  num_shards=args.shards, batch_size=batch_size, preprocessing=full.preprocessing)
+            from mhpc.distributed import fit_distributed
+
+            fit_distributed(model, [str(full.samples[i].image) for i in fit_idx], ray_address=args.ray or None,
+                            num_shards=args.shards, batch_size=batch_size, preprocessing=full.preprocessing,
+                            ray_timeout=_ray_timeout(args))
         else:
             model.fit(make_loader(fit_ds, batch_size))
         if hold_idx:
@@ -278,6 +298,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from mhpc.validation import check_batch_size
 
     batch_size = check_batch_size(args.batch_size)
+    _check_ray_options(args)
     if args.engine == "torch":
         model = MHPatchCore.load(args.model, device=args.device)
         model.progress = not args.quiet
@@ -301,7 +322,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             from mhpc.distributed import predict_distributed
 
             predict_distributed(args.model, base.preprocessing, paths, writer, ray_address=args.ray or None,
-                                batch_size=batch_size, progress=not args.quiet)
+                                batch_size=batch_size, progress=not args.quiet, ray_timeout=_ray_timeout(args))
         else:
             for k, score, amap, rgb in score_dataset(model, ds, batch_size):
                 writer.write(k, rgb(), score, amap)

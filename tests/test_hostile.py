@@ -1,0 +1,83 @@
+"""Issue 19, part B: signed exports, per-image bit depth, ablation resume fingerprints, Ray timeouts and
+SIGTERM, tiny images under a tiled model. One test per case: the exit code, the one-line message and what
+is on disk afterwards."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mhpc.cli import main
+from test_bad_inputs import FAST, TINY_CFG, assert_one_line, run, write_images
+
+REPO = Path(__file__).parents[1]
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny folder of good images, a config, and a model fitted from them by the CLI."""
+    root = tmp_path_factory.mktemp("hostile")
+    write_images(root / "good", 7)
+    (root / "cfg.yaml").write_text(TINY_CFG)
+    assert main(["fit", "--folder", str(root / "good"), "--config", str(root / "cfg.yaml"), "--out",
+                 str(root / "model"), *FAST]) == 0
+    return root
+
+
+# ------------------------------------------------------------------ 11. --ray ADDRESS with nothing listening
+def test_unreachable_ray_address_fails_in_one_line_within_the_timeout(work, tmp_path, capsys):
+    start = time.monotonic()
+    code, err = run(["fit", "--folder", work / "good", "--config", work / "cfg.yaml", "--out", tmp_path / "m",
+                     *FAST, "--ray", "127.0.0.1:1", "--ray-timeout", "2"], capsys)
+    assert_one_line(code, err, "mhpc fit: error:", "cannot reach Ray at 127.0.0.1:1 within 2 s")
+    assert time.monotonic() - start < 20 and not (tmp_path / "m").exists()
+    code, err = run(["predict", "--model", work / "model", "--images", work / "good", "--out", tmp_path / "p",
+                     "--ray", "ray://127.0.0.1:1", "--ray-timeout", "2", "--quiet"], capsys)
+    assert_one_line(code, err, "mhpc predict: error:", "cannot reach Ray at ray://127.0.0.1:1")
+    assert not (tmp_path / "p").exists()
+    for bad in ("0", "nan"):
+        code, err = run(["fit", "--folder", work / "good", "--out", tmp_path / "m", *FAST, "--ray", "127.0.0.1:1",
+                         "--ray-timeout", bad], capsys)
+        assert_one_line(code, err, "--ray-timeout must be a positive number of seconds")
+    code, err = run(["fit", "--folder", work / "good", "--out", tmp_path / "m", *FAST, "--ray-timeout", "5"], capsys)
+    assert_one_line(code, err, "--ray-timeout needs --ray")
+    assert not (tmp_path / "m").exists()
+
+
+# ------------------------------------------------------------------ 12. SIGTERM during a Ray fit
+def test_sigterm_during_a_ray_fit_exits_130_without_a_native_dump(work, tmp_path):
+    import psutil
+
+    write_images(tmp_path / "imgs", 8, seed=3)
+    out = tmp_path / "m"
+    proc = subprocess.Popen([sys.executable, "-m", "mhpc", "fit", "--folder", str(tmp_path / "imgs"), "--config",
+                             str(work / "cfg.yaml"), "--out", str(out), *FAST, "--batch-size", "1", "--ray"],
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    parent, deadline = psutil.Process(proc.pid), time.time() + 90
+    # Ray's own SIGTERM handler is installed when ray.init starts: wait for the local Ray's raylet.
+    while time.time() < deadline and proc.poll() is None:
+        if any(child.name().startswith("raylet") for child in parent.children(recursive=True)):
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the fit ended before it could be interrupted"
+    time.sleep(2)  # ray.init returns (its handler is replaced by mhpc's) and the shard tasks start
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted", err
+    assert "Traceback" not in err and "SIGABRT" not in err and "*** " not in err, err
+    assert not out.exists()  # the half-made model folder is removed

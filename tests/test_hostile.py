@@ -81,3 +81,28 @@ def test_sigterm_during_a_ray_fit_exits_130_without_a_native_dump(work, tmp_path
     assert err.strip().splitlines()[-1] == "interrupted", err
     assert "Traceback" not in err and "SIGABRT" not in err and "*** " not in err, err
     assert not out.exists()  # the half-made model folder is removed
+
+
+# ------------------------------------------------------------------ 13. an image at or below a tiled model's overlap
+def test_tiled_model_scores_an_image_smaller_than_the_overlap_as_one_tile(work, tmp_path, capsys):
+    import csv
+
+    from mhpc.data.tiling import tile_boxes
+
+    assert tile_boxes(12, 40, 32, 16) == [(0, 0, 12, 32), (0, 8, 12, 32)]  # 12 rows <= overlap 16: one row of tiles
+    assert tile_boxes(10, 10, 32, 16) == [(0, 0, 10, 10)]
+    code, err = run(["fit", "--folder", work / "good", "--config", work / "cfg.yaml", "--out", tmp_path / "m", *FAST,
+                     "--tile", "32", "--tile-overlap", "16", "--holdout", "0"], capsys)
+    assert code == 0, err
+    small = tmp_path / "small"
+    small.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (12, 40, 3), dtype=np.uint8)).save(small / "strip.png")
+    Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(small / "dot.png")
+    code, err = run(["predict", "--model", tmp_path / "m", "--images", small, "--out", tmp_path / "p", "--quiet"], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    rows = list(csv.DictReader(open(tmp_path / "p" / "scores.csv")))
+    assert [Path(r["image_path"]).name for r in rows] == ["dot.png", "strip.png"]
+    assert all(np.isfinite(float(r["score"])) for r in rows)
+    shapes = [np.load(tmp_path / "p" / r["map_path"]).shape for r in rows]
+    assert shapes == [(10, 10), (12, 40)]  # maps at the images' own resolution

@@ -3,6 +3,7 @@ are stitched back to the image's full resolution (overlaps averaged); the image 
 
 As anomalib's ``Tiler``: tiles of ``size`` pixels (of the original image) with ``overlap`` pixels shared
 between neighbours, the last tile of a row or column flush with the border so every pixel is covered.
+A side shorter than a tile (even one at or below the overlap) is one tile of that side's length.
 Each tile goes through the model's own preprocessing (the whole tile into the input size), so a model
 fitted on tiles predicts on tiles of the same size.
 """
@@ -29,7 +30,10 @@ def check_tiling(size: int, overlap: int) -> None:
 
 
 def tile_starts(length: int, size: int, overlap: int) -> list[int]:
-    size = min(size, length)
+    """Tile offsets along one side. A side no longer than a tile (also one at or below the overlap) is
+    one tile of its own length: a small image is scored whole, not refused."""
+    if length <= size:
+        return [0]
     starts = list(range(0, length - size + 1, size - overlap))
     if starts[-1] + size < length:
         starts.append(length - size)

@@ -380,7 +380,9 @@ def _cmd_ablation(args: argparse.Namespace) -> None:
                                  reference=args.reference, report=not args.no_report, resume=args.resume, base=base,
                                  crop=args.crop)
     except MHPCError as exc:
-        if opened and any(out_dir.glob("**/metrics.json")):
+        from mhpc.ablation import ResumeError
+
+        if opened and not isinstance(exc, ResumeError) and any(out_dir.glob("**/metrics.json")):
             raise MHPCError(f"{exc} (finished runs are kept in {out_dir}: rerun with --resume to continue)") from None
         raise
     print(table)

@@ -106,3 +106,49 @@ def test_tiled_model_scores_an_image_smaller_than_the_overlap_as_one_tile(work, 
     assert all(np.isfinite(float(r["score"])) for r in rows)
     shapes = [np.load(tmp_path / "p" / r["map_path"]).shape for r in rows]
     assert shapes == [(10, 10), (12, 40)]  # maps at the images' own resolution
+
+
+# ------------------------------------------------------------------ 10. ablation --resume: changed inputs, bad metrics
+def test_ablation_resume_reruns_changed_inputs_and_refuses_bad_metrics(tmp_path, monkeypatch, capsys):
+    import mhpc.ablation as ablation
+    from mhpc.data.synthetic import generate_benchmark
+
+    generate_benchmark(tmp_path / "d", ("grass",), n_train=3, n_test_good=1, n_test_per_defect=1, seed=0,
+                       defect_kinds=("hole",))
+    calls = []
+
+    def fake(cfg, data_root, category, run_dir, device, batch_size, progress, report, crop):
+        # what a real run leaves: run.json (its specification), then metrics.json last
+        calls.append(cfg["name"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run.json").write_text(json.dumps(dict(cfg=cfg, data_root=str(data_root), category=category,
+                                                          crop=crop)))
+        metrics = {c: 0.5 for c in ablation.COLUMNS[2:]} | {"memory_bank_size": 10, "memory_bank_dim": 4}
+        (run_dir / "metrics.json").write_text(json.dumps(metrics | {"config": cfg["name"], "category": category}))
+        return metrics | {"warnings": []}
+
+    monkeypatch.setattr(ablation, "evaluate_in_subprocess", fake)
+    out = tmp_path / "ab"
+    argv = ["ablation", "--preset", "paper", "--data", tmp_path / "d", "--out", out, "--no-report", "--quiet"]
+    assert run(argv, capsys)[0] == 0 and calls == ["paper"]
+    run_dir = out / "paper" / "grass"
+    stored = json.loads((run_dir / "inputs.json").read_text())
+    assert [r[0] for r in stored] == ["grass/ground_truth/hole/000_mask.png", "grass/test/good/000.png",
+                                      "grass/test/hole/000.png"] + [f"grass/train/good/00{i}.png" for i in range(3)]
+    code, err = run(argv + ["--resume"], capsys)
+    assert code == 0 and calls == ["paper"]  # same inputs: reused
+    # a training image replaced at the same path: rerun, saying which file and why
+    image = tmp_path / "d" / "grass" / "train" / "good" / "000.png"
+    Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(image)
+    code, err = run(argv + ["--resume"], capsys)
+    assert code == 0 and calls == ["paper", "paper"], err
+    assert "warning (paper/grass): rerunning it: grass/train/good/000.png changed (size or modification time)" in err
+    assert json.loads((run_dir / "inputs.json").read_text()) != stored
+    # metrics read back that are not numbers in range: refused in one line naming the file, nothing rerun or lost
+    good = (run_dir / "metrics.json").read_text()
+    for bad, shown in (('"abc"', "'abc'"), ("7.5", "7.5"), ("NaN", "nan")):
+        (run_dir / "metrics.json").write_text(good.replace('"image_auroc": 0.5', f'"image_auroc": {bad}'))
+        code, err = run(argv + ["--resume"], capsys)
+        assert_one_line(code, err, f"{run_dir / 'metrics.json'}: image_auroc is {shown}, not a number in [0, 1]")
+        assert "finished runs are kept" not in err and calls == ["paper", "paper"]
+        assert f'"image_auroc": {bad}' in (run_dir / "metrics.json").read_text() and (run_dir / "run.json").is_file()

@@ -237,6 +237,9 @@ def _cmd_update(args: argparse.Namespace) -> None:
     if pre.get("tile"):
         raise MHPCError(f"{args.model} was fitted on tiles; mhpc update reads whole images, so refit it with mhpc fit")
     full, fit_idx, hold_idx = _good_images(args, pre)
+    if full.clipped_ and not args.allow_saturated:  # a clipped image is not a faithful good example
+        raise MHPCError(f"{len(full.clipped_)} image(s) exceed the bit depth the model was fitted on and would be "
+                        f"clipped, e.g. {full.clipped_[0]}; pass --allow-saturated to add them anyway")
     before = model.n_train_images_
     start = time.perf_counter()
     hold = make_loader(full.subset(hold_idx), batch_size) if hold_idx else None
@@ -457,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of the new images held out to recalibrate the threshold (0: keep the threshold)")
     p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
+    p.add_argument("--allow-saturated", action="store_true",
+                   help="add 16-bit images whose values exceed the model's bit depth (clipped); refused otherwise")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
     _add_overwrite(p)

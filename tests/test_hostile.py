@@ -152,3 +152,67 @@ def test_ablation_resume_reruns_changed_inputs_and_refuses_bad_metrics(tmp_path,
         assert_one_line(code, err, f"{run_dir / 'metrics.json'}: image_auroc is {shown}, not a number in [0, 1]")
         assert "finished runs are kept" not in err and calls == ["paper", "paper"]
         assert f'"image_auroc": {bad}' in (run_dir / "metrics.json").read_text() and (run_dir / "run.json").is_file()
+
+
+# ------------------------------------------------------------------ 8. bit depth per image, clipping warned, update refuses
+def _png16(path: Path, gray: np.ndarray, sbit: int | None = None) -> Path:
+    Image.fromarray(gray.astype(np.uint16)).save(path)
+    if sbit is not None:  # an sBIT chunk right after the signature and IHDR
+        data, body = path.read_bytes(), b"sBIT" + bytes([sbit])
+        path.write_bytes(data[:33] + struct.pack(">I", 1) + body + struct.pack(">I", zlib.crc32(body)) + data[33:])
+    return path
+
+
+def test_bit_depth_is_decided_per_image_and_clipping_is_warned_and_refused(work, tmp_path, capsys):
+    import csv
+
+    from mhpc.core.mh_patch_core import MHPatchCore
+
+    def scores(out):
+        return {Path(r["image_path"]).name: float(r["score"]) for r in csv.DictReader(open(out / "scores.csv"))}
+
+    rng = np.random.default_rng(0)
+    gray = [np.asarray(Image.open(p).convert("L"), np.float64) for p in sorted((work / "good").glob("*.png"))]
+    # 1. a 12-bit PNG without sBIT scores the same alone and beside a full-range 16-bit PNG
+    (tmp_path / "one").mkdir()
+    twelve = _png16(tmp_path / "one" / "twelve.png", gray[0] * 4095 / 255)
+    (tmp_path / "two").mkdir()
+    Image.open(twelve).save(tmp_path / "two" / "twelve.png")
+    _png16(tmp_path / "two" / "full.png", rng.integers(0, 65536, (64, 64)))
+    for name in ("one", "two"):
+        code, err = run(["predict", "--model", work / "model", "--images", tmp_path / name, "--out",
+                         tmp_path / f"p{name}", "--quiet"], capsys)
+        assert code == 0 and "warning" not in err, err
+    # (batch composition moves float rounding only: before, the full-range neighbour changed the pixels)
+    assert scores(tmp_path / "pone")["twelve.png"] == pytest.approx(scores(tmp_path / "ptwo")["twelve.png"], rel=1e-5)
+    # 2. a model fitted on 12-bit data (sBIT 12) records 12 bits
+    (tmp_path / "train12").mkdir()
+    for i, g in enumerate(gray):
+        _png16(tmp_path / "train12" / f"{i}.png", g * 4095 / 255, sbit=12)
+    code, err = run(["fit", "--folder", tmp_path / "train12", "--config", work / "cfg.yaml", "--out", tmp_path / "m12",
+                     *FAST], capsys)
+    assert code == 0, err
+    assert MHPatchCore.load(tmp_path / "m12").preprocessing_["bit_depth"] == 12
+    # ... and warns, one line per file, about images it would clip at 4095
+    (tmp_path / "bright").mkdir()
+    for name in ("a.png", "b.png"):
+        _png16(tmp_path / "bright" / name, gray[1] * 65535 / 255)  # full range, no sBIT
+    _png16(tmp_path / "bright" / "ok.png", gray[2] * 4095 / 255)
+    code, err = run(["predict", "--model", tmp_path / "m12", "--images", tmp_path / "bright", "--out", tmp_path / "pb",
+                     "--quiet"], capsys)
+    warned = [line for line in err.splitlines() if "warning:" in line]
+    assert code == 0 and len(warned) == 2, err
+    for line, name in zip(warned, ("a.png", "b.png")):
+        assert line.startswith("mhpc predict: warning: image ") and str(tmp_path / "bright" / name) in line
+        assert "above the 12-bit range of the depth the model was fitted on: clipped at 4095" in line
+    # 3. update refuses the saturated images (model untouched) unless --allow-saturated
+    model_file = tmp_path / "m12" / "model.safetensors"
+    before = model_file.read_bytes()
+    code, err = run(["update", "--model", tmp_path / "m12", "--folder", tmp_path / "bright", "--quiet"], capsys)
+    assert_one_line(code, err, "mhpc update: error: 2 image(s) exceed the bit depth the model was fitted on",
+                    str(tmp_path / "bright" / "a.png"), "--allow-saturated")
+    assert model_file.read_bytes() == before
+    code, err = run(["update", "--model", tmp_path / "m12", "--folder", tmp_path / "bright", "--quiet",
+                     "--allow-saturated"], capsys)
+    assert code == 0, err
+    assert MHPatchCore.load(tmp_path / "m12").n_train_images_ > MHPatchCore.load(work / "model").n_train_images_

@@ -94,8 +94,9 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 
 
 def _add_key_file(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--key-file", help="file holding the HMAC key that signs (fit) or must have signed (predict) "
-                                      "the model; default: the MHPC_MODEL_KEY environment variable")
+    p.add_argument("--key-file", help="file holding the HMAC key that signs (fit, export) or must have signed "
+                                      "(predict, and export's input) the model; default: the MHPC_MODEL_KEY "
+                                      "environment variable")
 
 
 def _add_geometry(p: argparse.ArgumentParser, crop: str) -> None:
@@ -216,7 +217,7 @@ def _calibrate(model: Any, hold_ds: Any, batch_size: int, quantile: float) -> No
     """The threshold from held-out good images' image scores (each image's max over tiles when tiled)."""
     from mhpc.data.tiling import score_dataset
 
-    model.calibrate_scores([score for _, score, _, _ in score_dataset(model, hold_ds, batch_size)], quantile=quantile)
+    model.calibrate_scores([score for _, score, *_ in score_dataset(model, hold_ds, batch_size)], quantile=quantile)
 
 
 def _cmd_update(args: argparse.Namespace) -> None:
@@ -288,7 +289,7 @@ class _ExportedScorer:
         # The graph takes uint8 pixels: the normalised tensors go back to uint8 (exact for the centre crop,
         # which resizes in uint8; within one grey level for the letterbox, which resizes in float).
         result = self.engine.predict(np.stack([denormalize(img) for img in images]))
-        return result.scores.astype(np.float64), result.maps
+        return result.scores.astype(np.float64), result.maps, result.is_anomaly  # the graph's own verdict
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -327,8 +328,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             predict_distributed(args.model, base.preprocessing, paths, writer, ray_address=args.ray or None,
                                 batch_size=batch_size, progress=not args.quiet, ray_timeout=_ray_timeout(args))
         else:
-            for k, score, amap, rgb in score_dataset(model, ds, batch_size):
-                writer.write(k, rgb(), score, amap)
+            for k, score, amap, rgb, verdict in score_dataset(model, ds, batch_size):
+                writer.write(k, rgb(), score, amap, verdict)
         rows = writer.close()
     flagged = sum(1 for r in rows if r[2] == 1)
     note = "" if threshold is not None else " (model has no threshold: is_anomalous left empty)"
@@ -342,7 +343,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     model.progress = not args.quiet
     max_bytes = None if args.max_search_mb is None else int(args.max_search_mb * 2**20)
     path = model.export(args.out, format=args.format, head=args.head, max_intermediate_bytes=max_bytes)
-    print(f"exported {args.model} as {args.format} to {path} (+ {path.name}.json: input and resize contract)")
+    print(f"exported {args.model} as {args.format} to {path} (+ {path.name}.json: input and resize contract, "
+          "SHA-256 of the graph files)")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -490,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=["auto", "gather", "conv"], default="auto",
                    help="feature head: the pooling gathers, or folded per-layer convolutions (auto: by cost)")
     p.add_argument("--max-search-mb", type=float, help="bound on one search block at batch 8 (default 256)")
+    _add_key_file(p)
     _add_quiet(p)
     p.set_defaults(func=_cmd_export)
 

@@ -32,8 +32,10 @@ class PredictionWriter:
         self.threshold = threshold
         self.rows: dict[int, list] = {}
 
-    def write(self, index: int, rgb: np.ndarray, score: float, amap: np.ndarray) -> None:
-        """``rgb``: the image the map covers, as uint8 H x W x 3; ``amap``: its anomaly map."""
+    def write(self, index: int, rgb: np.ndarray, score: float, amap: np.ndarray,
+              anomalous: bool | None = None) -> None:
+        """``rgb``: the image the map covers, as uint8 H x W x 3; ``amap``: its anomaly map; ``anomalous``:
+        the verdict of an exported graph (its ``is_anomaly``), else score >= threshold."""
         index = int(index)
         map_rel = Path("maps") / with_suffix_added(self.names[index], ".npy")
         overlay_rel = Path("overlays") / with_suffix_added(self.names[index], ".png")
@@ -43,8 +45,11 @@ class PredictionWriter:
         # Colour scale: 0 .. 2x threshold, so the threshold sits mid-scale on every image.
         vmax = 2 * self.threshold if self.threshold else float(amap.max())
         Image.fromarray(overlay(rgb, amap, 0.0, vmax)).save(self.out / overlay_rel)
-        anomalous = "" if self.threshold is None else int(score >= self.threshold)
-        self.rows[index] = [self.paths[index], repr(float(score)), anomalous, str(map_rel), str(overlay_rel)]
+        if anomalous is not None:
+            verdict = int(bool(anomalous))
+        else:
+            verdict = "" if self.threshold is None else int(score >= self.threshold)
+        self.rows[index] = [self.paths[index], repr(float(score)), verdict, str(map_rel), str(overlay_rel)]
 
     def close(self) -> list[list]:
         """Writes ``scores.csv`` (one row per input image, input order) and returns its rows."""

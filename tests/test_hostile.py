@@ -216,3 +216,144 @@ def test_bit_depth_is_decided_per_image_and_clipping_is_warned_and_refused(work,
                      "--allow-saturated"], capsys)
     assert code == 0, err
     assert MHPatchCore.load(tmp_path / "m12").n_train_images_ > MHPatchCore.load(work / "model").n_train_images_
+
+
+# ------------------------------------------------------------------ 5. signed exports
+def _copy_pair(src: Path, dst: Path, graph: Path | None = None) -> Path:
+    """``src`` and its sidecar copied to ``dst`` (with ``graph``'s bytes as the graph when given)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes((graph or src).read_bytes())
+    Path(f"{dst}.json").write_text(Path(f"{src}.json").read_text())
+    return dst
+
+
+def _resigned(sidecar: Path, edit) -> None:
+    """Edits a sidecar and recomputes its SHA-256 (as anyone can without the key)."""
+    from mhpc.deploy.signing import sign_sidecar
+
+    info = json.loads(sidecar.read_text())
+    edit(info)
+    sidecar.write_text(json.dumps(sign_sidecar(info, key=b"")))
+
+
+def test_exports_are_signed_and_checked_before_loading(work, tmp_path, capsys, monkeypatch):
+    import csv
+
+    from mhpc.deploy import DeployedModel
+    from mhpc.errors import MHPCError
+
+    monkeypatch.delenv("MHPC_MODEL_KEY", raising=False)
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    images = sorted((work / "good").glob("*.png"))
+
+    def predict(model, out, *extra):
+        return run(["predict", "--engine", "onnxruntime", "--model", model, "--images", *images, "--out", out,
+                    "--quiet", *extra], capsys)
+
+    # signed with the key (a model fitted with it): hashes of the graph and of the sidecar itself, and an HMAC
+    code, err = run(["fit", "--folder", work / "good", "--config", work / "cfg.yaml", "--out", tmp_path / "km", *FAST,
+                     "--key-file", key], capsys)
+    assert code == 0, err
+    signed = tmp_path / "e" / "m.onnx"
+    code, err = run(["export", "--model", tmp_path / "km", "--out", signed, "--key-file", key, "--quiet"], capsys)
+    assert code == 0, err
+    info = json.loads(Path(f"{signed}.json").read_text())
+    from mhpc.deploy.signing import file_sha256
+    assert info["files_sha256"] == {"graph": file_sha256(signed)} and len(info["hmac_sha256"]) == 64
+    assert sorted(p.name for p in signed.parent.iterdir()) == ["m.onnx", "m.onnx.json"]  # no temporary left
+    code, err = predict(signed, tmp_path / "p", "--key-file", key)
+    assert code == 0, err
+    # the verdict is the graph's own is_anomaly
+    rows = list(csv.DictReader(open(tmp_path / "p" / "scores.csv")))
+    from mhpc.data.datasets import ImageFilesDataset
+    from mhpc.data.transforms import denormalize
+    ds = ImageFilesDataset(images, preprocessing=info["preprocessing"]["mhpc_preprocessing"])
+    graph = DeployedModel(signed).predict(np.stack([denormalize(ds[i]["image"]) for i in range(len(ds))]))
+    assert [r["is_anomalous"] for r in rows] == [str(int(v)) for v in graph.is_anomaly]
+
+    def refused(model, needle, *extra):
+        out = tmp_path / "refused"
+        code, err = predict(model, out, *extra)
+        assert_one_line(code, err, "mhpc predict: error:", needle)
+        assert not out.exists()
+
+    # a key that is set but missing from the file, or another key
+    unsigned = tmp_path / "u" / "m.onnx"
+    assert run(["export", "--model", work / "model", "--out", unsigned, "--quiet"], capsys)[0] == 0
+    assert "hmac_sha256" not in json.loads(Path(f"{unsigned}.json").read_text())
+    refused(unsigned, "is not signed with the configured model key (MHPC_MODEL_KEY / --key-file): it has no signature",
+            "--key-file", key)
+    other = tmp_path / "other"
+    other.write_text("other")
+    refused(signed, "its signature does not match", "--key-file", other)
+    # one flipped byte in the graph
+    flipped = _copy_pair(signed, tmp_path / "f" / "m.onnx")
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    refused(flipped, f"{flipped} does not match {flipped}.json (SHA-256 differs)", "--key-file", key)
+    # another model's graph next to this sidecar (another search chunking gives other bytes)
+    assert run(["export", "--model", work / "model", "--out", tmp_path / "g" / "m.onnx", "--max-search-mb", "0.01",
+                "--quiet"], capsys)[0] == 0
+    swapped = _copy_pair(signed, tmp_path / "s" / "m.onnx", graph=tmp_path / "g" / "m.onnx")
+    refused(swapped, "(SHA-256 differs)", "--key-file", key)
+    # a sidecar edited without re-hashing; then edited and re-hashed (no key set): the schema, in one line
+    edited = _copy_pair(unsigned, tmp_path / "x" / "m.onnx")
+    sidecar = Path(f"{edited}.json")
+    sidecar.write_text(sidecar.read_text().replace('"threshold": ', '"threshold": 1000.0, "was": '))
+    refused(edited, "failed its integrity check: it was modified after `mhpc export` wrote it")
+    for edit, needle in [
+        (lambda i: i.update(threshold=str(i["threshold"])), "threshold must be a finite number or null, got '"),
+        (lambda i: i.pop("outputs"), "missing key 'outputs'"),
+        (lambda i: i.update(outputs=["maps", "scores", "is_anomaly"]), "outputs must be ['scores', 'maps', "
+                                                                         "'is_anomaly'] (in this order)"),
+        (lambda i: i.update(outputs=["scores", "maps", "is_anomaly", "extra"]), "outputs must be"),
+    ]:
+        _copy_pair(unsigned, edited)
+        _resigned(sidecar, edit)
+        refused(edited, f"{sidecar} is not a valid mhpc-deploy description: {needle}")
+    # a re-hashed threshold of 1000 changes no verdict: they come from the graph
+    _copy_pair(unsigned, edited)
+    _resigned(sidecar, lambda i: i.update(threshold=1000.0))
+    code, err = predict(edited, tmp_path / "p1000")
+    assert code == 0, err
+    assert [r["is_anomalous"] for r in csv.DictReader(open(tmp_path / "p1000" / "scores.csv"))] == \
+        [r["is_anomalous"] for r in rows]
+    # a re-export killed after the graph's rename, before the sidecar's: the old sidecar refuses the new graph
+    import mhpc.deploy.signing as signing
+    from mhpc.core.mh_patch_core import MHPatchCore
+
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if str(dst).endswith(".json"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    pair = _copy_pair(signed, tmp_path / "k" / "m.onnx")
+    monkeypatch.setattr(signing.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        MHPatchCore.load(work / "model").export(pair, max_intermediate_bytes=int(0.01 * 2**20))
+    monkeypatch.setattr(signing.os, "replace", real_replace)
+    assert sorted(p.name for p in pair.parent.iterdir()) == ["m.onnx", "m.onnx.json"]  # no temporary left
+    assert pair.read_bytes() == (tmp_path / "g" / "m.onnx").read_bytes()  # the new graph, the old sidecar
+    with pytest.raises(MHPCError, match=r"m\.onnx does not match .*m\.onnx\.json \(SHA-256 differs\)"):
+        DeployedModel(pair)
+
+
+def test_openvino_export_signs_the_bin_too(work, tmp_path, capsys, monkeypatch):
+    from mhpc.deploy import DeployedModel
+    from mhpc.errors import MHPCError
+
+    monkeypatch.delenv("MHPC_MODEL_KEY", raising=False)
+    xml = tmp_path / "m.xml"
+    assert run(["export", "--model", work / "model", "--out", xml, "--format", "openvino", "--head", "conv",
+                "--quiet"], capsys)[0] == 0
+    assert set(json.loads(Path(f"{xml}.json").read_text())["files_sha256"]) == {"graph", "bin"}
+    DeployedModel(xml)
+    data = bytearray(xml.with_suffix(".bin").read_bytes())
+    data[-3] ^= 0x01
+    xml.with_suffix(".bin").write_bytes(bytes(data))
+    with pytest.raises(MHPCError, match=r"m\.bin does not match .*m\.xml\.json \(SHA-256 differs\)"):
+        DeployedModel(xml)

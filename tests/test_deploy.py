@@ -302,3 +302,48 @@ def test_load_image_gives_exactly_the_pixels_of_predict(tmp_path, crop):
     if crop == "none":  # 120 x 90 into 64 x 64: 48 rows of image, 8 rows of mean-colour padding above and below
         assert (ours[:8] == (124, 116, 104)).all() and (ours[-8:] == (124, 116, 104)).all()
         assert not (ours[8:56] == (124, 116, 104)).all(axis=-1).any(axis=-1).all()
+
+
+def test_letterboxed_model_engines_agree_on_non_square_images_through_the_cli(tiny_set, tmp_path):
+    """One uint8 letterbox for every engine: a whole-image model fitted on 96 x 72 images scores images of
+    other sizes and aspects (120 x 70, 50 x 90, 64 x 64) within 1e-4 on torch, onnxruntime and OpenVINO."""
+    from PIL import Image
+
+    from mhpc.cli import main
+
+    train = torch.cat(tiny_set[0])[:6]
+    rng = np.random.default_rng(0)
+    good, test = tmp_path / "good", tmp_path / "test"
+    good.mkdir()
+    test.mkdir()
+    for i, img in enumerate(train):
+        Image.fromarray(denormalize(img)).resize((96, 72), Image.BILINEAR).save(good / f"{i}.png")
+    for i, (w, h) in enumerate([(120, 70), (50, 90), (64, 64), (97, 61)]):
+        texture = Image.fromarray(denormalize(train[i % len(train)])).resize((w, h), Image.BILINEAR)
+        pixels = np.asarray(texture).copy()
+        if i % 2:  # a bright defect in every other image, so the verdicts differ
+            pixels[h // 3 : h // 2, w // 3 : w // 2] = rng.integers(200, 256, 3)
+        Image.fromarray(pixels).save(test / f"{i}.png")
+    model = tmp_path / "model"
+    assert main(["fit", "--folder", str(good), "--out", str(model), "--input-size", "64", "64", "--holdout", "0",
+                 "--backbone", "resnet18", "--random-init", "--layers", "layer2", "layer3", "--quiet",
+                 "--config", str(_write(tmp_path / "c.yaml", "pretrain_embed_dimension: 64\ntarget_embed_dimension: 48\n"
+                                                          "coreset_percentage: 0.25\n"))]) == 0
+    assert MHPatchCore.load(model).preprocessing_["crop"] == "none"
+    assert main(["export", "--model", str(model), "--out", str(tmp_path / "m.onnx"), "--head", "conv", "--quiet"]) == 0
+    assert main(["export", "--model", str(model), "--format", "openvino", "--out", str(tmp_path / "m.xml"),
+                 "--head", "conv", "--quiet"]) == 0
+    scores = {}
+    for engine, path in {"torch": model, "onnxruntime": tmp_path / "m.onnx", "openvino": tmp_path / "m.xml"}.items():
+        out = tmp_path / f"out-{engine}"
+        assert main(["predict", "--model", str(path), "--images", str(test), "--out", str(out), "--engine", engine,
+                     "--quiet"]) == 0
+        scores[engine] = np.array([float(r["score"]) for r in csv.DictReader(open(out / "scores.csv"))])
+    assert len(scores["torch"]) == 4 and len(set(scores["torch"].round(6))) == 4
+    for engine in ("onnxruntime", "openvino"):
+        np.testing.assert_allclose(scores[engine], scores["torch"], rtol=1e-4, atol=0)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

@@ -11,9 +11,9 @@ export all preprocess from the same code:
     the MVTec protocol: short side resized to R (256 for 224), centre crop H x W (drops the border).
 
 ``bit_depth`` is the depth 16-bit training data was fitted on (the deepest image's PNG sBIT chunk, else
-16); each image is scaled by its own sBIT, else this depth (``mhpc.data.io.image_bit_depth``). ``tile`` ([size, overlap] or
-None) says the model was fitted on tiles of the original image (``mhpc.data.tiling``); each tile then
-goes through the same whole-image transform.
+16); each image is scaled by its own sBIT, else this depth (``mhpc.data.io.image_bit_depth``).
+``tile`` ([size, overlap] or None) says the model was fitted on tiles of the original image
+(``mhpc.data.tiling``); each tile then goes through the same whole-image transform.
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ class SampleDataset(torch.utils.data.Dataset):
         sub = SampleDataset([self.samples[i] for i in indices], self.preprocessing)
         if self._validated:
             sub.sizes_, sub._validated = [self.sizes_[i] for i in indices], True
-            sub.clipped_ = [p for p in self.clipped_ if p in {sub.samples[i].image for i in range(len(sub))}]
+            kept = {s.image for s in sub.samples}
+            sub.clipped_ = [p for p in self.clipped_ if p in kept]
         return sub
 
     @staticmethod

@@ -92,7 +92,7 @@ def test_tiled_model_scores_an_image_smaller_than_the_overlap_as_one_tile(work, 
     assert tile_boxes(12, 40, 32, 16) == [(0, 0, 12, 32), (0, 8, 12, 32)]  # 12 rows <= overlap 16: one row of tiles
     assert tile_boxes(10, 10, 32, 16) == [(0, 0, 10, 10)]
     code, err = run(["fit", "--folder", work / "good", "--config", work / "cfg.yaml", "--out", tmp_path / "m", *FAST,
-                     "--tile", "32", "--tile-overlap", "16", "--holdout", "0"], capsys)
+                     "--tile", "48", "--tile-overlap", "16", "--holdout", "0"], capsys)
     assert code == 0, err
     small = tmp_path / "small"
     small.mkdir()

@@ -268,8 +268,21 @@ class _ExportedScorer:
         return result.scores.astype(np.float64), result.maps
 
 
-def _cmd_predict(args: argparse.Namespace) -> None:
+def load_scorer(model: str, engine: str = "torch", device: str = "cpu",
+                progress: bool = False) -> tuple[Any, dict[str, Any], float | None]:
+    """(scorer with ``predict_images``, its preprocessing dict, its threshold) for a model folder (torch)
+    or a file from `mhpc export` (onnxruntime / openvino): what `mhpc predict` and `mhpc serve` score with."""
     from mhpc.core.mh_patch_core import MHPatchCore
+
+    if engine == "torch":
+        scorer = MHPatchCore.load(model, device=device)
+        scorer.progress = progress
+        return scorer, _saved_preprocessing(scorer), getattr(scorer, "threshold_", None)
+    exported = _ExportedScorer(model, engine)  # fed by the same dataset pipeline as torch
+    return exported, exported.preprocessing, exported.threshold
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
     from mhpc.core.model_file import resolve_model_path
     from mhpc.data.datasets import ImageFilesDataset
     from mhpc.data.tiling import TiledDataset, score_dataset
@@ -278,16 +291,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from mhpc.validation import check_batch_size
 
     batch_size = check_batch_size(args.batch_size)
-    if args.engine == "torch":
-        model = MHPatchCore.load(args.model, device=args.device)
-        model.progress = not args.quiet
-        pre = _saved_preprocessing(model)
-        threshold = getattr(model, "threshold_", None)
-    else:  # a file from `mhpc export`, fed by the same dataset pipeline as torch
-        if args.ray is not None:
-            raise MHPCError(f"--ray scores with the torch engine; --engine {args.engine} runs in this process")
-        model = _ExportedScorer(args.model, args.engine)
-        pre, threshold = model.preprocessing, model.threshold
+    if args.engine != "torch" and args.ray is not None:
+        raise MHPCError(f"--ray scores with the torch engine; --engine {args.engine} runs in this process")
+    model, pre, threshold = load_scorer(args.model, args.engine, args.device, progress=not args.quiet)
     if args.ray is not None and pre.get("tile"):
         raise MHPCError("--ray cannot score a tiled model: Ray scoring reads whole images")
     base = ImageFilesDataset(args.images, preprocessing=pre).validate()
@@ -319,6 +325,29 @@ def _cmd_export(args: argparse.Namespace) -> None:
     max_bytes = None if args.max_search_mb is None else int(args.max_search_mb * 2**20)
     path = model.export(args.out, format=args.format, head=args.head, max_intermediate_bytes=max_bytes)
     print(f"exported {args.model} as {args.format} to {path} (+ {path.name}.json: input and resize contract)")
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from mhpc.serve import require_serve
+
+    require_serve()  # a missing extra is one line before the model loads
+    from mhpc.serve.app import ServeSettings, is_loopback
+    from mhpc.serve.server import run_server
+
+    token = None
+    if args.admin_token_file:
+        token = _read_key_file(args.admin_token_file, "--admin-token-file")
+    elif not is_loopback(args.host):
+        print(f"mhpc serve: warning: binding to {args.host} without --admin-token-file: /admin/reload is off "
+              "(file watching and SIGHUP still reload)", file=sys.stderr)
+    if not 0 <= args.port <= 65535:
+        raise MHPCError(f"--port must be in 0..65535, got {args.port}")
+    settings = ServeSettings(model=args.model, engine=args.engine, device=args.device, name=args.name, host=args.host,
+                             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+                             timeout_s=args.timeout_s, max_upload_mb=args.max_upload_mb, admin_token=token,
+                             watch_s=args.watch_s).check()
+    run_server(settings, args.port, announce=lambda line: print(line, flush=True))
+    print("mhpc serve: stopped", flush=True)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -465,6 +494,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet(p)
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("serve", help="serve a model over HTTP: POST /predict, the Open Inference Protocol v2, "
+                                     "/metrics, a web page at / (pip install 'mhpc[serve]')")
+    p.add_argument("--model", required=True, help="model folder or .safetensors file (torch), or a file from "
+                                                  "`mhpc export` (.onnx / .xml with its .json)")
+    p.add_argument("--engine", choices=["torch", "onnxruntime", "openvino"], default="torch")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (torch engine)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    p.add_argument("--name", help="the model's name in the protocol (default: the folder's name or the file's stem)")
+    p.add_argument("--max-batch", type=int, default=8, help="images per engine batch at most (8)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long the first image of a batch waits for more (5 ms; 0: no waiting)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="images waiting at most; beyond it requests get 503 with Retry-After (64)")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="per-request limit; beyond it 504 (30 s)")
+    p.add_argument("--max-upload-mb", type=float, default=64.0, help="request body limit; beyond it 413 (64 MB)")
+    p.add_argument("--admin-token-file", help="file holding the bearer token that POST /admin/reload needs; "
+                                              "without it admin endpoints answer only on a loopback --host")
+    p.add_argument("--watch-s", type=float, default=1.0,
+                   help="check the model file for changes every this many seconds and reload (1; 0: off)")
+    _add_key_file(p)
+    p.set_defaults(func=_cmd_serve)
+
     p = sub.add_parser("evaluate", help="fit and evaluate on an MVTec-layout category: metrics.json, scores, maps, report")
     p.add_argument("--data", required=True)
     p.add_argument("--category", required=True)
@@ -545,13 +597,13 @@ def _interrupt(signum, frame):  # SIGTERM is handled like Ctrl-C: clean up, exit
     raise KeyboardInterrupt
 
 
-def _read_key_file(path: str) -> str:
+def _read_key_file(path: str, flag: str = "--key-file") -> str:
     try:
         key = Path(path).read_bytes().strip()
     except OSError as exc:
-        raise MHPCError(f"cannot read --key-file {path}: {exc.strerror or exc}") from None
+        raise MHPCError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
     if not key:
-        raise MHPCError(f"--key-file {path} is empty")
+        raise MHPCError(f"{flag} {path} is empty")
     return os.fsdecode(key)
 
 

@@ -21,6 +21,13 @@ from mhpc.report import overlay
 COLUMNS = ["image_path", "score", "is_anomalous", "map_path", "overlay_path"]
 
 
+def render_overlay(rgb: np.ndarray, amap: np.ndarray, threshold: float | None) -> np.ndarray:
+    """The heat map over the image as ``mhpc predict`` and ``mhpc serve`` show it (uint8 H x W x 3).
+    Colour scale: 0 .. 2x threshold, so the threshold sits mid-scale on every image."""
+    vmax = 2 * threshold if threshold else float(amap.max())
+    return overlay(rgb, amap, 0.0, vmax)
+
+
 class PredictionWriter:
     """Writes one image's map and overlay as it comes; ``close`` writes ``scores.csv`` in input order.
     ``out`` is a folder already prepared by ``mhpc.outputs.output_folder``."""
@@ -40,9 +47,7 @@ class PredictionWriter:
         for rel in (map_rel, overlay_rel):
             (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
         np.save(self.out / map_rel, np.asarray(amap, dtype=np.float32))
-        # Colour scale: 0 .. 2x threshold, so the threshold sits mid-scale on every image.
-        vmax = 2 * self.threshold if self.threshold else float(amap.max())
-        Image.fromarray(overlay(rgb, amap, 0.0, vmax)).save(self.out / overlay_rel)
+        Image.fromarray(render_overlay(rgb, amap, self.threshold)).save(self.out / overlay_rel)
         anomalous = "" if self.threshold is None else int(score >= self.threshold)
         self.rows[index] = [self.paths[index], repr(float(score)), anomalous, str(map_rel), str(overlay_rel)]
 

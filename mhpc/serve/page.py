@@ -1,0 +1,1 @@
+PAGE = "<html><body>todo</body></html>"

@@ -1,0 +1,343 @@
+"""`mhpc serve`: REST, the Open Inference Protocol v2, metrics, batching, back-pressure, errors."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from mhpc.cli import main
+from serve_util import fit_tiny, running, write_images
+
+from mhpc.serve.app import ServeSettings, create_app
+from mhpc.serve.model import ServedModel, file_sha256
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    good = root / "good"
+    write_images(good, 6, seed=0)
+    model = fit_tiny(good, root / "model")
+    test = write_images(root / "test", 3, seed=1, size=(50, 70)) + write_images(root / "test2", 1, seed=2)
+    return {"root": root, "model": model, "test": test, "good": good}
+
+
+def _files(paths):
+    return [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
+
+
+def _predict_cli(served, out, *extra):
+    assert main(["predict", "--model", str(served["model"]), "--images", *map(str, served["test"]), "--out", str(out),
+                 "--quiet", *extra]) == 0
+    return list(csv.DictReader(open(out / "scores.csv")))
+
+
+def _check_against_cli(results, rows, out):
+    assert len(results) == len(rows)
+    for res, row in zip(results, rows):
+        assert res["score"] == pytest.approx(float(row["score"]), rel=1e-5, abs=1e-6)
+        assert res["is_anomaly"] == (row["is_anomalous"] == "1")
+        expected_map = np.load(out / row["map_path"])
+        amap = np.load(io.BytesIO(base64.b64decode(res["map_npy"])))
+        assert amap.shape == expected_map.shape and np.allclose(amap, expected_map, rtol=1e-5, atol=1e-5)
+        overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(res["overlay_png"]))))
+        expected_overlay = np.asarray(Image.open(out / row["overlay_path"]))
+        assert overlay.shape == expected_overlay.shape and np.abs(overlay.astype(int) - expected_overlay).max() <= 1
+
+
+def test_predict_equals_mhpc_predict_and_errors_are_one_line(served, tmp_path):
+    rows = _predict_cli(served, tmp_path / "cli")
+    app = create_app(ServeSettings(model=str(served["model"]), watch_s=0, batch_wait_ms=50))
+    with running(app) as url:
+        # One request with every image, then the same images as concurrent single-image requests (batched).
+        r = httpx.post(url + "/predict?map=npy", files=_files(served["test"]))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model_sha256"] == file_sha256(served["model"] / "model.safetensors")
+        _check_against_cli(body["results"], rows, tmp_path / "cli")
+        first = body["results"][0]
+        assert (first["width"], first["height"]) == (70, 50) and first["threshold"] > 0 and first["time_s"] > 0
+        singles = [None] * len(served["test"])
+
+        def one(i):
+            singles[i] = httpx.post(url + "/predict?map=npy", files=_files([served["test"][i]]), timeout=30)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(singles))]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        _check_against_cli([s.json()["results"][0] for s in singles], rows, tmp_path / "cli")
+        # ?map=png: an 8-bit map at the map's resolution plus its range
+        r = httpx.post(url + "/predict?map=png", files=_files(served["test"][:1]))
+        res = r.json()["results"][0]
+        grey = np.asarray(Image.open(io.BytesIO(base64.b64decode(res["map_png"]))))
+        assert grey.dtype == np.uint8 and list(grey.shape) == res["map_shape"] and res["map_png_range"][1] > 0
+
+        # One corrupt image among good ones: it alone fails, in one line; the others are scored.
+        files = _files(served["test"][:2]) + [("files", ("broken.png", b"\x89PNG\r\n\x1a\nnot really", "image/png"))]
+        r = httpx.post(url + "/predict", files=files)
+        assert r.status_code == 200
+        out = r.json()["results"]
+        assert [o.get("error") is None for o in out] == [True, True, False]
+        assert out[2]["filename"] == "broken.png" and out[2]["status"] == 400
+        assert "broken.png" in out[2]["error"] and "\n" not in out[2]["error"] and "/tmp" not in out[2]["error"]
+        assert out[0]["score"] == pytest.approx(float(rows[0]["score"]), rel=1e-5)
+        bad = {
+            "only a corrupt image": (lambda: httpx.post(url + "/predict", files=files[2:]), 400, "broken.png"),
+            "an empty file": (lambda: httpx.post(url + "/predict", files=[("f", ("e.png", b"", "image/png"))]), 400,
+                              "empty"),
+            "an unsupported format": (lambda: httpx.post(url + "/predict", files=[("f", ("a.txt", b"hello", "text/plain"))]),
+                                      400, "cannot read image a.txt"),
+            "a form without files": (lambda: httpx.post(url + "/predict", files={"x": (None, "1")}), 400, "no image"),
+            "no body at all": (lambda: httpx.post(url + "/predict"), 415, "multipart"),
+            "a bad map format": (lambda: httpx.post(url + "/predict?map=jpg", files=_files(served["test"][:1])), 400,
+                                 "map must be"),
+            "an unknown endpoint": (lambda: httpx.get(url + "/nowhere"), 404, "no such endpoint"),
+            "a wrong method": (lambda: httpx.get(url + "/predict"), 405, "not allowed"),
+        }
+        for what, (call, status, text) in bad.items():
+            r = call()
+            assert r.status_code == status, (what, r.text)
+            err = r.json()["error"]
+            assert text in err and "\n" not in err and "Traceback" not in r.text, (what, err)
+
+
+def test_size_limits_reuse_predicts_checks(served, monkeypatch):
+    import mhpc.data.io as io_module
+
+    app = create_app(ServeSettings(model=str(served["model"]), watch_s=0, max_upload_mb=0.05))
+    with running(app) as url:
+        big = [("files", ("big.png", b"\0" * 80_000, "image/png"))]
+        r = httpx.post(url + "/predict", files=big)
+        assert r.status_code == 413 and "--max-upload-mb" in r.json()["error"]
+
+        def chunks():  # no Content-Length: the body is counted as it arrives
+            for _ in range(10):
+                yield b"\0" * 10_000
+
+        r = httpx.post(url + "/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+        assert r.status_code == 413 and "--max-upload-mb" in r.json()["error"]
+        monkeypatch.setattr(io_module, "MAX_PIXELS", 1000)  # predict's own pixel guard, lowered for a small file
+        r = httpx.post(url + "/predict", files=_files(served["test"][:1]))
+        assert r.status_code == 413 and "over the limit of 1,000" in r.json()["error"]
+        assert served["test"][0].name in r.json()["error"]
+
+
+def _slow(model: ServedModel, seconds: float, poison: float | None = None) -> ServedModel:
+    """The model with an engine that takes ``seconds`` per batch and fails on a batch holding ``poison``."""
+    score = model.score
+
+    def slow(images):
+        time.sleep(seconds)
+        if poison is not None and bool(((images[:, 0, 0, 0] - poison).abs() < 1e-4).any()):
+            raise RuntimeError("poisoned batch")
+        return score(images)
+
+    model.score = slow
+    return model
+
+
+def _infer_body(images: np.ndarray) -> dict:
+    return {"inputs": [{"name": "images", "shape": list(images.shape), "datatype": "UINT8",
+                        "data": images.reshape(-1).tolist()}]}
+
+
+def test_dynamic_batching_queue_timeout_and_isolation(served):
+    model = _slow(ServedModel(str(served["model"])), 0.3, poison=float((7 / 255 - 0.485) / 0.229))
+    app = create_app(ServeSettings(model=str(served["model"]), watch_s=0, max_batch=4, batch_wait_ms=1000,
+                                   max_queue=4, timeout_s=5), model=model)
+    rng = np.random.default_rng(0)
+    with running(app) as url:
+        name = app.state.mhpc.name
+        results = [None] * 4
+
+        def infer(i, value=None):
+            img = rng.integers(0, 255, (1, 64, 64, 3), dtype=np.uint8)
+            img[0, 0, 0, 0] = 100 if value is None else value
+            results[i] = httpx.post(f"{url}/v2/models/{name}/infer", json=_infer_body(img), timeout=30)
+
+        # Four concurrent requests, one of them poisoned: one batch of 4 on the engine; it fails, the jobs are
+        # retried one by one, and only the poisoned request fails.
+        threads = [threading.Thread(target=infer, args=(i, 7 if i == 2 else None)) for i in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert [r.status_code for r in results] == [200, 200, 500, 200]
+        assert "poisoned batch" in results[2].json()["error"]
+        metrics = httpx.get(url + "/metrics").text
+        assert "mhpc_batch_size_count 1.0" in metrics and "mhpc_batch_size_sum 4.0" in metrics  # one batch of 4
+
+        # A full queue answers 503 with Retry-After and never grows: 4 images queued at most.
+        statuses, retry = [], []
+
+        def flood():
+            img = rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+            img[:, 0, 0, 0] = 100
+            r = httpx.post(f"{url}/v2/models/{name}/infer", json=_infer_body(img), timeout=30)
+            statuses.append(r.status_code)
+            retry.append(r.headers.get("retry-after"))
+
+        threads = [threading.Thread(target=flood) for _ in range(8)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert statuses.count(503) >= 2 and statuses.count(200) >= 2 and set(statuses) == {200, 503}
+        assert all(r == "1" for s, r in zip(statuses, retry) if s == 503)
+        too_many = rng.integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)
+        r = httpx.post(f"{url}/v2/models/{name}/infer", json=_infer_body(too_many))
+        assert r.status_code == 413 and "--max-queue" in r.json()["error"]
+
+    # Per-request timeout: 504 in one line.
+    model = _slow(ServedModel(str(served["model"])), 1.5)
+    app = create_app(ServeSettings(model=str(served["model"]), watch_s=0, timeout_s=0.3), model=model)
+    with running(app) as url:
+        r = httpx.post(url + "/predict", files=_files(served["test"][:1]), timeout=30)
+        assert r.status_code == 504 and "--timeout-s" in r.json()["error"]
+
+
+# ---------------------------------------------------------------- a client written to the protocol's text
+def _http(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
+    """Plain JSON over HTTP, as the KServe / Open Inference Protocol v2 REST specification describes it."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _letterbox_u8(path, size=64):
+    """The model's letterbox, written here from its description (scale to fit, centre, pad with the mean)."""
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    s = min(size / h, size / w)
+    nw, nh = round(w * s), round(h * s)
+    canvas = Image.new("RGB", (size, size), (124, 116, 104))
+    canvas.paste(img.resize((nw, nh), Image.BILINEAR), ((size - nw) // 2, (size - nh) // 2))
+    return np.asarray(canvas)
+
+
+def test_open_inference_protocol_v2(served):
+    import torch
+
+    from mhpc.core.mh_patch_core import MHPatchCore
+
+    app = create_app(ServeSettings(model=str(served["model"]), watch_s=0, name="tiny"))
+    with running(app) as base:
+        assert _http("GET", base + "/v2/health/live") == (200, {"live": True})
+        assert _http("GET", base + "/v2/health/ready") == (200, {"ready": True})
+        status, meta = _http("GET", base + "/v2/models/tiny")
+        assert status == 200 and meta["name"] == "tiny"
+        assert meta["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": [-1, 64, 64, 3]}]
+        assert {o["name"] for o in meta["outputs"]} == {"scores", "maps", "is_anomaly"}
+        sha = file_sha256(served["model"] / "model.safetensors")
+        assert meta["parameters"]["live_model"]["sha256"] == sha and meta["parameters"]["threshold"] > 0
+        assert meta["parameters"]["preprocessing"]["crop"] == "none"
+        assert _http("GET", base + "/v2/models/tiny/ready")[0] == 200
+        assert _http("GET", base + "/v2/models/other")[0] == 404
+
+        batch = np.stack([_letterbox_u8(p) for p in served["test"][:3]])
+        status, answer = _http("POST", base + "/v2/models/tiny/infer",
+                               {"id": "r1", "inputs": [{"name": "images", "shape": [3, 64, 64, 3], "datatype": "UINT8",
+                                                        "data": batch.reshape(-1).tolist()}]})
+        assert status == 200 and answer["id"] == "r1" and answer["model_name"] == "tiny"
+        out = {o["name"]: o for o in answer["outputs"]}
+        assert out["scores"]["shape"] == [3] and out["scores"]["datatype"] == "FP32"
+        assert out["maps"]["shape"] == [3, 64, 64] and len(out["maps"]["data"]) == 3 * 64 * 64
+        # The same pixels through the Python API give the same scores.
+        model = MHPatchCore.load(served["model"])
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
+        x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        scores, maps = model.predict_images(x)
+        assert np.allclose(out["scores"]["data"], scores, rtol=1e-5)
+        assert np.allclose(np.array(out["maps"]["data"]).reshape(3, 64, 64), maps, rtol=1e-4, atol=1e-4)
+        assert out["is_anomaly"]["data"] == [bool(s >= model.threshold_) for s in scores]
+        # Nested data and a requested subset of outputs
+        status, answer = _http("POST", base + "/v2/models/tiny/infer",
+                               {"inputs": [{"name": "images", "shape": [1, 64, 64, 3], "datatype": "UINT8",
+                                            "data": batch[:1].tolist()}], "outputs": [{"name": "scores"}]})
+        assert status == 200 and [o["name"] for o in answer["outputs"]] == ["scores"]
+        assert answer["outputs"][0]["data"][0] == pytest.approx(out["scores"]["data"][0], rel=1e-6)
+
+        def infer(tensor):
+            return _http("POST", base + "/v2/models/tiny/infer", {"inputs": [tensor]})
+
+        wrong = {
+            "dtype": ({"name": "images", "shape": [1, 64, 64, 3], "datatype": "FP32", "data": [0.0] * 12288}, "UINT8"),
+            "shape": ({"name": "images", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072}, "[B, 64, 64, 3]"),
+            "count": ({"name": "images", "shape": [1, 64, 64, 3], "datatype": "UINT8", "data": [0] * 10}, "needs 12288"),
+            "range": ({"name": "images", "shape": [1, 64, 64, 3], "datatype": "UINT8", "data": [300] * 12288}, "0..255"),
+            "name": ({"name": "x", "shape": [1, 64, 64, 3], "datatype": "UINT8", "data": [0] * 12288}, "unknown input"),
+        }
+        for what, (tensor, text) in wrong.items():
+            status, err = infer(tensor)
+            assert status == 400 and text in err["error"], (what, err)
+        req = urllib.request.Request(base + "/v2/models/tiny/infer", data=b"{not json", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(req)
+        assert exc.value.code == 400 and "not JSON" in json.loads(exc.value.read())["error"]
+
+
+def test_metrics_in_prometheus_format(served):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = create_app(ServeSettings(model=str(served["model"]), watch_s=0))
+    with running(app) as url:
+        for _ in range(2):
+            assert httpx.post(url + "/predict", files=_files(served["test"][:2])).status_code == 200
+        httpx.post(url + "/predict")
+        text = httpx.get(url + "/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("mhpc_requests_total", (("endpoint", "/predict"), ("status", "200")))] == 2
+    assert samples[("mhpc_requests_total", (("endpoint", "/predict"), ("status", "415")))] == 1
+    assert samples[("mhpc_request_duration_seconds_count", (("endpoint", "/predict"),))] == 3
+    assert samples[("mhpc_image_score_count", ())] == 4
+    assert samples[("mhpc_batch_size_sum", ())] == 4
+    assert ("mhpc_queue_depth", ()) in samples
+    info = [s for s in families["mhpc_model_info"].samples]
+    assert len(info) == 1 and info[0].value == 1
+    assert info[0].labels["sha256"] == file_sha256(served["model"] / "model.safetensors")
+    assert info[0].labels["n_train_images"] == "4" and info[0].labels["saved"].startswith("20")
+
+
+def test_admin_token_and_loopback(served, tmp_path):
+    app = create_app(ServeSettings(model=str(served["model"]), watch_s=0, admin_token="s3cret"))
+    with running(app) as url:
+        assert httpx.post(url + "/admin/reload").status_code == 401
+        assert httpx.post(url + "/admin/reload", headers={"Authorization": "Bearer nope"}).status_code == 401
+        r = httpx.post(url + "/admin/reload", headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200 and r.json()["reloaded"] is False
+    # Bound to a non-loopback address without a token, the admin endpoints are off.
+    app = create_app(ServeSettings(model=str(served["model"]), watch_s=0, host="0.0.0.0"))
+    with running(app) as url:
+        r = httpx.post(url + "/admin/reload")
+        assert r.status_code == 403 and "--admin-token-file" in r.json()["error"]
+
+
+def test_core_imports_without_the_extra_and_the_cli_names_it(served, monkeypatch, capsys):
+    import importlib.util
+    import subprocess
+    import sys
+
+    from serve_util import env
+
+    code = ("import sys, mhpc, mhpc.cli, mhpc.serve, mhpc.core.mh_patch_core, mhpc.prediction; "
+            "bad = [m for m in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env())
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    assert main(["serve", "--model", str(served["model"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("mhpc serve: error: mhpc serve needs the optional extra 'serve': pip install 'mhpc[serve]' "
+                   "(missing: fastapi)")

@@ -341,3 +341,112 @@ def test_core_imports_without_the_extra_and_the_cli_names_it(served, monkeypatch
     err = capsys.readouterr().err.strip()
     assert err == ("mhpc serve: error: mhpc serve needs the optional extra 'serve': pip install 'mhpc[serve]' "
                    "(missing: fastapi)")
+
+
+def test_exported_model_under_onnxruntime_equals_mhpc_predict(served, tmp_path):
+    from mhpc.deploy import DeployedModel
+
+    onnx = tmp_path / "tiny.onnx"
+    assert main(["export", "--model", str(served["model"]), "--out", str(onnx), "--quiet"]) == 0
+    rows = _predict_cli({**served, "model": onnx}, tmp_path / "cli", "--engine", "onnxruntime")
+    app = create_app(ServeSettings(model=str(onnx), engine="onnxruntime", watch_s=0))
+    with running(app) as url:
+        r = httpx.post(url + "/predict?map=npy", files=_files(served["test"]))
+        assert r.status_code == 200 and r.json()["model"] == "tiny"
+        _check_against_cli(r.json()["results"], rows, tmp_path / "cli")
+        meta = httpx.get(url + "/v2/models/tiny").json()
+        assert meta["platform"] == "mhpc_onnxruntime" and meta["parameters"]["live_model"]["sha256"] == file_sha256(onnx)
+        batch = np.stack([_letterbox_u8(p) for p in served["test"][:2]])
+        status, answer = _http("POST", url + "/v2/models/tiny/infer", _infer_body(batch))
+        assert status == 200
+        expected = DeployedModel(onnx).predict(batch)
+        assert np.allclose(answer["outputs"][0]["data"], expected.scores, rtol=1e-5)
+
+
+def test_hot_reload_while_serving_sighup_and_graceful_sigterm(served, tmp_path):
+    import os
+    import shutil
+    import signal
+
+    from serve_util import serve_process
+
+    model = tmp_path / "line"
+    shutil.copytree(served["model"], model)
+    file = model / "model.safetensors"
+    old_sha = file_sha256(file)
+    new_images = tmp_path / "new"
+    write_images(new_images, 3, seed=7)
+    image = served["test"][0]
+    with serve_process("--model", str(model), "--watch-s", "0.2", "--batch-wait-ms", "500") as (proc, url):
+        answers, stop = [], threading.Event()
+
+        def client():
+            while not stop.is_set():
+                r = httpx.post(url + "/predict", files=_files([image]), timeout=30)
+                answers.append((r.status_code, r.json()))
+
+        threads = [threading.Thread(target=client) for _ in range(2)]
+        [t.start() for t in threads]
+        time.sleep(0.5)
+        assert main(["update", "--model", str(model), "--folder", str(new_images), "--quiet"]) == 0
+        new_sha = file_sha256(file)
+        assert new_sha != old_sha
+        deadline = time.time() + 20
+        while httpx.get(url + "/v2/models/line").json()["parameters"]["live_model"]["sha256"] != new_sha:
+            assert time.time() < deadline, "the updated model was not picked up"
+            time.sleep(0.1)
+        time.sleep(0.6)
+        stop.set()
+        [t.join() for t in threads]
+        # No request failed; every answer came from the old or the new model, with that model's score.
+        assert answers and all(status == 200 for status, _ in answers), answers
+        by_model = {}
+        for _, body in answers:
+            by_model.setdefault(body["model_sha256"], set()).add(body["results"][0]["score"])
+        assert set(by_model) == {old_sha, new_sha}
+        live = ServedModel(str(model))
+        expected_new = live.score(live.preprocess_file(image)[0][None])[0][0]
+        assert len(by_model[old_sha]) == 1 and len(by_model[new_sha]) == 1
+        assert by_model[new_sha].pop() == pytest.approx(expected_new, rel=1e-5)
+
+        # A damaged file is refused (its SHA-256 fails), and the new model keeps serving.
+        data = bytearray(file.read_bytes())
+        data[-100] ^= 0xFF
+        tmp = model / "damaged.tmp"
+        tmp.write_bytes(bytes(data))
+        os.replace(tmp, file)
+
+        def refused():
+            return httpx.get(url + "/metrics").text.count('mhpc_model_reloads_total{result="refused"}')
+
+        deadline = time.time() + 20
+        while "integrity" not in str(httpx.get(url + "/v2/models/line").json()["parameters"]["last_reload_error"]):
+            assert time.time() < deadline, "the damaged file was not looked at"
+            time.sleep(0.1)
+        meta = httpx.get(url + "/v2/models/line").json()["parameters"]
+        assert meta["live_model"]["sha256"] == new_sha
+        r = httpx.post(url + "/predict", files=_files([image]), timeout=30)
+        assert r.status_code == 200 and r.json()["model_sha256"] == new_sha
+        # POST /admin/reload (loopback, no token needed) and SIGHUP both try again and refuse it in one line.
+        r = httpx.post(url + "/admin/reload")
+        assert r.status_code == 422 and "old model keeps serving" in r.json()["error"]
+        assert 'mhpc_model_reloads_total{result="refused"} 2.0' in httpx.get(url + "/metrics").text
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 20
+        while 'mhpc_model_reloads_total{result="refused"} 3.0' not in httpx.get(url + "/metrics").text:
+            assert time.time() < deadline, "SIGHUP did not reload"
+            time.sleep(0.1)
+
+        # SIGTERM with a request in flight (it waits for its batch): it is answered, then the server exits 0.
+        result = {}
+        inflight = threading.Thread(target=lambda: result.update(
+            r=httpx.post(url + "/predict", files=_files([image]), timeout=30)))
+        inflight.start()
+        time.sleep(0.4)
+        proc.send_signal(signal.SIGTERM)
+        inflight.join()
+        assert result["r"].status_code == 200 and result["r"].json()["model_sha256"] == new_sha
+        assert proc.wait(30) == 0
+        assert "mhpc serve: stopped" in proc.stdout.read()
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/v2/health/live")

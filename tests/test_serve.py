@@ -450,3 +450,36 @@ def test_hot_reload_while_serving_sighup_and_graceful_sigterm(served, tmp_path):
         assert "mhpc serve: stopped" in proc.stdout.read()
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/v2/health/live")
+
+
+def test_page_in_headless_chromium(served, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    app = create_app(ServeSettings(model=str(served["model"]), watch_s=0))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    images = served["test"][:2]
+    with running(app) as url, sync_playwright() as pw:
+        expected = [httpx.post(url + "/predict", files=_files([p])).json()["results"][0] for p in images]
+        browser = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path="/usr/bin/chromium",
+                                                        headless=True, args=flags)
+        try:
+            page = browser.new_page()
+            requests = []
+            page.on("request", lambda req: requests.append(req.url))
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('meta').textContent.includes('threshold')")
+            page.set_input_files("#pick", [str(p) for p in images])
+            page.wait_for_function("document.querySelectorAll('.result .verdict.ok, .result .verdict.anomaly').length == 2",
+                                   timeout=30000)
+            cards = page.query_selector_all(".result")
+            shown = {c.query_selector(".name").inner_text(): c for c in cards}
+            for res in expected:
+                c = shown[res["filename"]]
+                assert c.query_selector(".verdict").inner_text() == ("ANOMALY" if res["is_anomaly"] else "OK")
+                assert f"{res['score']:.4g}"[:4] in c.query_selector(".score").inner_text()
+                assert c.query_selector("img.overlay").evaluate("img => img.complete && img.naturalWidth") == 64
+            assert sorted(page.evaluate("window.mhpcScores")) == pytest.approx(sorted(r["score"] for r in expected))
+            assert all(u.startswith(url) or u.startswith("data:") for u in requests)  # no external assets
+        finally:
+            browser.close()

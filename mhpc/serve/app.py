@@ -318,9 +318,9 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None) -> Fas
     # ---------------------------------------------------------------- the page
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        from mhpc.serve.page import PAGE
+        from mhpc.serve.page import render_page
 
-        return HTMLResponse(PAGE)
+        return HTMLResponse(render_page(state.name))
 
     # ---------------------------------------------------------------- REST
     @app.post("/predict")

@@ -331,7 +331,7 @@ def test_core_imports_without_the_extra_and_the_cli_names_it(served, monkeypatch
 
     from serve_util import env
 
-    code = ("import sys, mhpc, mhpc.cli, mhpc.serve, mhpc.core.mh_patch_core, mhpc.prediction; "
+    code = ("import sys, mhpc, mhpc.cli, mhpc.serve, mhpc.serve.model, mhpc.prediction; "
             "bad = [m for m in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, env=env())

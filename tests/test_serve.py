@@ -261,6 +261,10 @@ def test_open_inference_protocol_v2(served):
         assert np.allclose(out["scores"]["data"], scores, rtol=1e-5)
         assert np.allclose(np.array(out["maps"]["data"]).reshape(3, 64, 64), maps, rtol=1e-4, atol=1e-4)
         assert out["is_anomaly"]["data"] == [bool(s >= model.threshold_) for s in scores]
+        # The letterbox written above from its description gives exactly the pixels predict feeds the model:
+        # the protocol's tensor and the uploaded files score the same.
+        uploaded = httpx.post(base + "/predict", files=_files(served["test"][:3])).json()["results"]
+        assert np.allclose(out["scores"]["data"], [u["score"] for u in uploaded], rtol=1e-5)
         # Nested data and a requested subset of outputs
         status, answer = _http("POST", base + "/v2/models/tiny/infer",
                                {"inputs": [{"name": "images", "shape": [1, 64, 64, 3], "datatype": "UINT8",

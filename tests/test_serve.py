@@ -487,3 +487,34 @@ def test_page_in_headless_chromium(served, tmp_path):
             assert all(u.startswith(url) or u.startswith("data:") for u in requests)  # no external assets
         finally:
             browser.close()
+
+
+def test_cli_refuses_bad_options_in_one_line(served, tmp_path, capsys):
+    import socket
+
+    model = str(served["model"])
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cases = {
+            "model file not found": ["--model", str(tmp_path / "none")],
+            "--max-batch must be an integer >= 1": ["--model", model, "--max-batch", "0"],
+            "--max-queue (4) must be at least --max-batch (8)": ["--model", model, "--max-queue", "4"],
+            "--timeout-s must be > 0": ["--model", model, "--timeout-s", "0"],
+            "--port must be in 0..65535": ["--model", model, "--port", "70000"],
+            f"--admin-token-file {empty} is empty": ["--model", model, "--admin-token-file", str(empty)],
+            f"cannot listen on 127.0.0.1:{busy.getsockname()[1]}": ["--model", model, "--port",
+                                                                     str(busy.getsockname()[1])],
+            "fitted on tiles": None,
+        }
+        tiled = tmp_path / "tiled"
+        assert main(["fit", "--folder", str(served["good"]), "--out", str(tiled), "--tile", "40", "--holdout", "0.34",
+                     "--backbone", "resnet18", "--random-init", "--quiet", "--input-size", "32", "32"]) == 0
+        cases["fitted on tiles"] = ["--model", str(tiled)]
+        capsys.readouterr()
+        for text, argv in cases.items():
+            assert main(["serve", *argv]) == 2, text
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("mhpc serve: error: ") and text in err and len(err.splitlines()) == 1, err

@@ -82,7 +82,7 @@ class ServedModel:
         for attempt in range(3):
             before = self._hash(files)
             self.scorer, self.preprocessing, self.threshold = load_scorer(self.path, self.engine, self.device)
-            if self._hash(files) == before:
+            if before is not None and self._hash(files) == before:
                 break
         else:
             raise MHPCError(f"{files[0]} kept changing while it was loaded; try again when it is written")
@@ -96,11 +96,12 @@ class ServedModel:
         self.input_shape = tuple(int(s) for s in self.preprocessing["input_size"])
 
     @staticmethod
-    def _hash(files: list[Path]) -> list[str]:
+    def _hash(files: list[Path]) -> list[str] | None:
+        """None when a file cannot be read: the loader then names the problem as `mhpc predict` does."""
         try:
             return [file_sha256(f) for f in files]
-        except OSError as exc:
-            raise MHPCError(f"cannot read the model file {exc.filename}: {exc.strerror or exc}") from None
+        except OSError:
+            return None
 
     def identity(self) -> dict[str, Any]:
         """What `/v2/models/{name}`, `/metrics` and every answer say about the live model."""

@@ -176,6 +176,17 @@ def test_dynamic_batching_queue_timeout_and_isolation(served):
         metrics = httpx.get(url + "/metrics").text
         assert "mhpc_batch_size_count 1.0" in metrics and "mhpc_batch_size_sum 4.0" in metrics  # one batch of 4
 
+        # In one multipart request too: the image the engine fails on carries its error, the other is scored.
+        poisoned = np.full((64, 64, 3), 100, np.uint8)
+        poisoned[0, 0, 0] = 7
+        buf = io.BytesIO()
+        Image.fromarray(poisoned).save(buf, format="PNG")
+        files = [("files", ("poisoned.png", buf.getvalue(), "image/png"))] + _files(served["test"][:1])
+        r = httpx.post(url + "/predict", files=files, timeout=30)
+        assert r.status_code == 200
+        first, second = r.json()["results"]
+        assert first["status"] == 500 and "poisoned batch" in first["error"] and second["score"] > 0
+
         # A full queue answers 503 with Retry-After and never grows: 4 images queued at most.
         statuses, retry = [], []
 

@@ -191,7 +191,15 @@ class ServerState:
         return await loop.run_in_executor(self._pre_pool, model.preprocess_bytes, data, name, self.tmpdir)
 
     async def score(self, model: ServedModel, images: list) -> list[tuple[float, np.ndarray]]:
-        """Queues the images (all or none) and waits for their results, within the request timeout."""
+        """Queues the images (all or none) and waits for all their results, within the request timeout."""
+        results = await self.score_each(model, images)
+        failed = next((r for r in results if isinstance(r, ApiError)), None)
+        if failed is not None:
+            raise failed
+        return results
+
+    async def score_each(self, model: ServedModel, images: list) -> list:
+        """As ``score``, but an image the engine failed on is an ApiError in its place, not a failed request."""
         s = self.settings
         if len(images) > s.max_queue:
             raise ApiError(413, f"{len(images)} images in one request; this server takes at most {s.max_queue} "
@@ -201,13 +209,12 @@ class ServerState:
         except QueueFull as exc:
             raise ApiError(503, f"server busy: {exc}; retry shortly", {"Retry-After": "1"}) from None
         try:
-            return await asyncio.wait_for(asyncio.gather(*futures), s.timeout_s)
+            results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), s.timeout_s)
         except asyncio.TimeoutError:
             raise ApiError(504, f"no result within {s.timeout_s:g} s (--timeout-s)") from None
-        except ApiError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the engine failed on this image alone (batches are retried)
-            raise ApiError(500, f"scoring failed: {type(exc).__name__}: {exc}") from None
+        # An exception here is the engine failing on this image alone (a failed batch is rerun image by image).
+        return [ApiError(500, f"scoring failed: {type(r).__name__}: {r}") if isinstance(r, BaseException) else r
+                for r in results]
 
 
 def _png_b64(rgb: np.ndarray) -> str:
@@ -349,17 +356,21 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None) -> Fas
         good = [i for i, p in enumerate(prepared) if not isinstance(p, BaseException)]
         results: dict[int, Any] = {}
         if good:
-            scored = await state.score(model, [prepared[i][0] for i in good])
+            scored = await state.score_each(model, [prepared[i][0] for i in good])
             results = dict(zip(good, scored))
         elapsed = time.perf_counter() - started
-        out, first_error = [], None
+        loop = asyncio.get_running_loop()
+        out, first_error, n_ok = [], None, 0
         for i, name in enumerate(names):
             p = prepared[i]
-            if isinstance(p, BaseException):
-                if not isinstance(p, MHPCError):
-                    log.error("mhpc serve: preprocessing %s failed: %s: %s", name, type(p).__name__, p)
-                status = 413 if "over the limit" in str(p) or "too large" in str(p) else 400
-                message = " ".join(str(p).split()) if isinstance(p, MHPCError) else f"cannot read image {name}"
+            if isinstance(p, BaseException) or isinstance(results.get(i), ApiError):
+                if isinstance(p, BaseException):
+                    if not isinstance(p, MHPCError):
+                        log.error("mhpc serve: preprocessing %s failed: %s: %s", name, type(p).__name__, p)
+                    status = 413 if "over the limit" in str(p) or "too large" in str(p) else 400
+                    message = " ".join(str(p).split()) if isinstance(p, MHPCError) else f"cannot read image {name}"
+                else:
+                    status, message = results[i].status, results[i].message
                 first_error = first_error or (status, message)
                 out.append({"filename": name, "error": message, "status": status})
                 continue
@@ -367,11 +378,12 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None) -> Fas
             width, height = p[1]
             item = {"filename": name, "score": score, "is_anomaly": model.is_anomaly(score),
                     "threshold": model.threshold, "width": width, "height": height, "time_s": round(elapsed, 6)}
-            if map is not None:
-                item.update(_map_payload(map, model, p[0], amap))
+            if map is not None:  # image encoding off the event loop
+                item.update(await loop.run_in_executor(state._pre_pool, _map_payload, map, model, p[0], amap))
             out.append(item)
+            n_ok += 1
             state.metrics.scores.observe(score)
-        if not good:
+        if not n_ok:
             raise ApiError(*first_error)
         return {"model": state.name, "model_sha256": model.sha256, "results": out}
 

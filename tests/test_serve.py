@@ -527,3 +527,32 @@ def test_cli_refuses_bad_options_in_one_line(served, tmp_path, capsys):
             assert main(["serve", *argv]) == 2, text
             err = capsys.readouterr().err.strip()
             assert err.startswith("mhpc serve: error: ") and text in err and len(err.splitlines()) == 1, err
+
+
+def test_reload_with_a_model_key_refuses_an_unsigned_file(served, tmp_path, monkeypatch):
+    import shutil
+
+    from mhpc.core.mh_patch_core import MHPatchCore
+    from mhpc.core.model_file import KEY_ENV
+
+    fitted = MHPatchCore.load(served["model"])
+    signed = tmp_path / "signed"
+    monkeypatch.setenv(KEY_ENV, "line-7-key")
+    fitted.save(signed)
+    app = create_app(ServeSettings(model=str(signed), watch_s=0))
+    with running(app) as url:
+        sha = httpx.get(url + "/v2/models/signed").json()["parameters"]["live_model"]["sha256"]
+        monkeypatch.delenv(KEY_ENV)
+        fitted.threshold_ = fitted.threshold_ * 2  # a different model, saved without the key
+        fitted.save(tmp_path / "unsigned")
+        monkeypatch.setenv(KEY_ENV, "line-7-key")
+        shutil.copyfile(tmp_path / "unsigned" / "model.safetensors", signed / "model.safetensors")
+        r = httpx.post(url + "/admin/reload")
+        assert r.status_code == 422 and "not signed with the configured model key" in r.json()["error"]
+        assert httpx.get(url + "/v2/models/signed").json()["parameters"]["live_model"]["sha256"] == sha
+        fitted.save(signed)  # signed with the key: accepted
+        r = httpx.post(url + "/admin/reload")
+        assert r.status_code == 200 and r.json()["reloaded"] is True
+        assert r.json()["model"]["threshold"] == pytest.approx(fitted.threshold_)
+        assert httpx.post(url + "/predict", files=_files(served["test"][:1])).json()["results"][0]["threshold"] == \
+            pytest.approx(fitted.threshold_)

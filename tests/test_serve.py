@@ -318,7 +318,7 @@ def test_metrics_in_prometheus_format(served):
     assert samples[("mhpc_request_duration_seconds_count", (("endpoint", "/predict"),))] == 3
     assert samples[("mhpc_image_score_count", ())] == 4
     assert samples[("mhpc_batch_size_sum", ())] == 4
-    assert ("mhpc_queue_depth", ()) in samples
+    assert ("mhpc_queue_depth", ()) in samples and samples[("mhpc_requests_in_flight", ())] == 1  # the scrape
     info = [s for s in families["mhpc_model_info"].samples]
     assert len(info) == 1 and info[0].value == 1
     assert info[0].labels["sha256"] == file_sha256(served["model"] / "model.safetensors")
@@ -404,7 +404,7 @@ def test_hot_reload_while_serving_sighup_and_graceful_sigterm(served, tmp_path):
         assert main(["update", "--model", str(model), "--folder", str(new_images), "--quiet"]) == 0
         new_sha = file_sha256(file)
         assert new_sha != old_sha
-        deadline = time.time() + 20
+        deadline = time.time() + 60
         while httpx.get(url + "/v2/models/line").json()["parameters"]["live_model"]["sha256"] != new_sha:
             assert time.time() < deadline, "the updated model was not picked up"
             time.sleep(0.1)
@@ -432,7 +432,7 @@ def test_hot_reload_while_serving_sighup_and_graceful_sigterm(served, tmp_path):
         def refused():
             return httpx.get(url + "/metrics").text.count('mhpc_model_reloads_total{result="refused"}')
 
-        deadline = time.time() + 20
+        deadline = time.time() + 60
         while "integrity" not in str(httpx.get(url + "/v2/models/line").json()["parameters"]["last_reload_error"]):
             assert time.time() < deadline, "the damaged file was not looked at"
             time.sleep(0.1)
@@ -445,20 +445,23 @@ def test_hot_reload_while_serving_sighup_and_graceful_sigterm(served, tmp_path):
         assert r.status_code == 422 and "old model keeps serving" in r.json()["error"]
         assert 'mhpc_model_reloads_total{result="refused"} 2.0' in httpx.get(url + "/metrics").text
         proc.send_signal(signal.SIGHUP)
-        deadline = time.time() + 20
+        deadline = time.time() + 60
         while 'mhpc_model_reloads_total{result="refused"} 3.0' not in httpx.get(url + "/metrics").text:
             assert time.time() < deadline, "SIGHUP did not reload"
             time.sleep(0.1)
 
-        # SIGTERM with a request in flight (it waits for its batch): it is answered, then the server exits 0.
+        # SIGTERM with a request in flight (eight images and their maps): it is answered, then the server exits 0.
         result = {}
         inflight = threading.Thread(target=lambda: result.update(
-            r=httpx.post(url + "/predict", files=_files([image]), timeout=30)))
+            r=httpx.post(url + "/predict?map=npy", files=_files([image] * 8), timeout=60)))
         inflight.start()
-        time.sleep(0.4)
+        deadline = time.time() + 60
+        while "mhpc_requests_in_flight 2.0" not in httpx.get(url + "/metrics").text:  # it and this request
+            assert time.time() < deadline and inflight.is_alive(), "the request did not arrive"
         proc.send_signal(signal.SIGTERM)
         inflight.join()
         assert result["r"].status_code == 200 and result["r"].json()["model_sha256"] == new_sha
+        assert len(result["r"].json()["results"]) == 8
         assert proc.wait(30) == 0
         assert "mhpc serve: stopped" in proc.stdout.read()
         with pytest.raises(httpx.TransportError):

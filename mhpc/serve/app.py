@@ -520,6 +520,7 @@ class MeasureAndLimit:
             return message
 
         length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        self.metrics.in_flight.inc()
         try:
             if length.isdigit() and int(length) > self.max_bytes:
                 response = _error(413, f"request body of {int(length):,} bytes is over {self.max_mb:g} MB "
@@ -528,6 +529,7 @@ class MeasureAndLimit:
             else:
                 await self.app(scope, limited, send_status)
         finally:
+            self.metrics.in_flight.dec()
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(endpoint=endpoint, status=str(status[0])).inc()

@@ -22,6 +22,7 @@ class ServerMetrics:
         self.batch_size = Histogram("mhpc_batch_size", "images per engine batch (dynamic batching)",
                                     buckets=[s for s in sizes if s <= max_batch], registry=r)
         self.queue_depth = Gauge("mhpc_queue_depth", "images waiting for the engine", registry=r)
+        self.in_flight = Gauge("mhpc_requests_in_flight", "HTTP requests being answered", registry=r)
         # Score buckets are fractions of the threshold at start-up, so the verdict boundary is a bucket edge.
         buckets = [threshold * f for f in SCORE_FRACTIONS] if threshold else [0.01 * 2**k for k in range(14)]
         self.scores = Histogram("mhpc_image_score", "image anomaly scores (buckets: fractions of the start-up "

@@ -154,23 +154,37 @@ def _infer_body(images: np.ndarray) -> dict:
 
 def test_dynamic_batching_queue_timeout_and_isolation(served):
     model = _slow(ServedModel(str(served["model"])), 0.3, poison=float((7 / 255 - 0.485) / 0.229))
-    app = create_app(ServeSettings(model=str(served["model"]), watch_s=0, max_batch=4, batch_wait_ms=1000,
-                                   max_queue=4, timeout_s=5), model=model)
+    app = create_app(ServeSettings(model=str(served["model"]), watch_s=0, max_batch=4, batch_wait_ms=2000,
+                                   max_queue=4, timeout_s=10), model=model)
     rng = np.random.default_rng(0)
-    with running(app) as url:
-        name = app.state.mhpc.name
-        results = [None] * 4
 
-        def infer(i, value=None):
-            img = rng.integers(0, 255, (1, 64, 64, 3), dtype=np.uint8)
-            img[0, 0, 0, 0] = 100 if value is None else value
-            results[i] = httpx.post(f"{url}/v2/models/{name}/infer", json=_infer_body(img), timeout=30)
+    def bodies(n: int, per_request: int, poison_at: int | None = None) -> list[str]:
+        out = []
+        for i in range(n):
+            img = rng.integers(0, 255, (per_request, 64, 64, 3), dtype=np.uint8)
+            img[:, 0, 0, 0] = 7 if i == poison_at else 100
+            out.append(json.dumps(_infer_body(img)))
+        return out
 
-        # Four concurrent requests, one of them poisoned: one batch of 4 on the engine; it fails, the jobs are
-        # retried one by one, and only the poisoned request fails.
-        threads = [threading.Thread(target=infer, args=(i, 7 if i == 2 else None)) for i in range(4)]
+    def post_together(url: str, payloads: list[str]) -> list[httpx.Response]:
+        """All requests sent at once (a barrier), each from its own thread."""
+        results, barrier = [None] * len(payloads), threading.Barrier(len(payloads))
+
+        def post(i):
+            with httpx.Client(timeout=60) as http:
+                barrier.wait()
+                results[i] = http.post(url, content=payloads[i], headers={"content-type": "application/json"})
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(payloads))]
         [t.start() for t in threads]
         [t.join() for t in threads]
+        return results
+
+    with running(app) as url:
+        infer_url = f"{url}/v2/models/{app.state.mhpc.name}/infer"
+        # Four concurrent requests, one of them poisoned: one batch of 4 on the engine; it fails, the jobs are
+        # retried one by one, and only the poisoned request fails.
+        results = post_together(infer_url, bodies(4, 1, poison_at=2))
         assert [r.status_code for r in results] == [200, 200, 500, 200]
         assert "poisoned batch" in results[2].json()["error"]
         metrics = httpx.get(url + "/metrics").text
@@ -188,22 +202,13 @@ def test_dynamic_batching_queue_timeout_and_isolation(served):
         assert first["status"] == 500 and "poisoned batch" in first["error"] and second["score"] > 0
 
         # A full queue answers 503 with Retry-After and never grows: 4 images queued at most.
-        statuses, retry = [], []
-
-        def flood():
-            img = rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
-            img[:, 0, 0, 0] = 100
-            r = httpx.post(f"{url}/v2/models/{name}/infer", json=_infer_body(img), timeout=30)
-            statuses.append(r.status_code)
-            retry.append(r.headers.get("retry-after"))
-
-        threads = [threading.Thread(target=flood) for _ in range(8)]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
+        results = post_together(infer_url, bodies(8, 2))
+        statuses = [r.status_code for r in results]
         assert statuses.count(503) >= 2 and statuses.count(200) >= 2 and set(statuses) == {200, 503}
-        assert all(r == "1" for s, r in zip(statuses, retry) if s == 503)
+        assert all(r.headers.get("retry-after") == "1" for r in results if r.status_code == 503)
+        assert all("server busy" in r.json()["error"] for r in results if r.status_code == 503)
         too_many = rng.integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)
-        r = httpx.post(f"{url}/v2/models/{name}/infer", json=_infer_body(too_many))
+        r = httpx.post(infer_url, json=_infer_body(too_many))
         assert r.status_code == 413 and "--max-queue" in r.json()["error"]
 
     # Per-request timeout: 504 in one line.

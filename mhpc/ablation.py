@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from mhpc.config import config_name, load_config_list, load_seeds, normalise_config
+from mhpc.config import config_name, describe_config, load_config_list, load_seeds, normalise_config
 from mhpc.errors import MHPCError
 from mhpc.evaluation import build_model, evaluate_in_subprocess
 from mhpc.outputs import atomic_write_csv, atomic_write_text, safe_name
@@ -162,12 +162,13 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
                  out_dir: str | Path, device: str = "cpu", batch_size: int = 8, progress: bool = True,
                  overrides: dict[str, Any] | None = None, seeds: list[int] | None = None,
                  reference: str | None = None, report: bool = True, resume: bool = False,
-                 base: dict[str, Any] | None = None, crop: str = "center") -> str:
+                 base: dict[str, Any] | None = None, crop: str = "center", title: str | None = None) -> str:
     """Writes ``table.md``, ``table.csv``, ``results.json`` (one row per run), ``report.html`` and one
     folder per run. ``seeds``: run every config once per seed (default: the config file's ``seeds``,
     else once with each config's own seed). ``base``: parameters under every config (a preset);
     ``overrides``: parameters over every config. ``resume``: reuse runs already done with the same spec.
     ``crop``: "center" (the MVTec protocol) or "none" (the whole image); a config's own ``crop`` wins.
+    ``title``: the index page's heading (default: what was run on what).
     """
     from mhpc.report import write_summary_report
 
@@ -186,6 +187,7 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
                 raise MHPCError(f"category {category!r} is not a plain folder name")
     seed_list: list[int | None] = list(seeds) if seeds else [None]
     runs = []
+    described: dict[str, str] = {}
     for seed in seed_list:
         root = str(data_root).format(seed=seed) if seed is not None and "{seed}" in str(data_root) else str(data_root)
         cats = categories or discover_categories(root)
@@ -198,6 +200,7 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
                 cfg["seed"] = seed
             build_model(cfg)._validate()  # every parameter checked before the first run starts
             run_crop = cfg.pop("crop", crop)
+            described.setdefault(name, f"{describe_config(cfg, name)}; {'whole image' if run_crop == 'none' else 'centre crop'}")
             runs += [(seed, root, cfg, name, category, run_crop) for category in cats]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,5 +239,7 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
     fields = COLUMNS + [f"{k}_std" for k in _MEANED]
     atomic_write_csv(out / "table.csv", fields, [[r.get(c, "") for c in fields] for r in table_rows])
     atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
-    write_summary_report(out / "report.html", table_rows, COLUMNS, links if report else {})
+    cats_run = list(dict.fromkeys(r["category"] for r in rows))
+    title = title or f"mhpc ablation: {len(cfgs)} configurations on {', '.join(cats_run)}"
+    write_summary_report(out / "report.html", table_rows, COLUMNS, links if report else {}, title, described)
     return table

@@ -444,7 +444,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     configs = [dict(name=name, preset=name, backbone="mobilenet_v2") for name in ("paper", "seed", "best")]
     # The demo replaces its own earlier output (only a folder mhpc wrote; anything else is refused).
     with output_folder(args.out, overwrite=True) as out:
-        table = run_ablation(data, list(args.categories), configs, out, progress=not args.quiet)
+        title = f"mhpc demo: the paper, seed and best presets on {', '.join(args.categories)} (synthetic textures)"
+        table = run_ablation(data, list(args.categories), configs, out, progress=not args.quiet, title=title)
     print(table)
     print(f"report: {Path(args.out) / 'report.html'}; demo wall time {time.perf_counter() - start:.0f} s")
 

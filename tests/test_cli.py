@@ -122,7 +122,10 @@ def test_demo_on_tiny_data(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert all(f"| {preset} | brick |" in printed for preset in ("paper", "seed", "best"))
-    assert (tmp_path / "o" / "report.html").is_file()
+    index = (tmp_path / "o" / "report.html").read_text()
+    assert "<title>mhpc demo: the paper, seed and best presets on brick" in index
+    assert all(note in index for note in ("PatchCore as published", "The seed&#x27;s proposal",
+                                          "The recommendation of ABLATION.md"))
 
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):

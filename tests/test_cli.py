@@ -290,6 +290,11 @@ def test_offline_fit_error_names_the_cli_routes(data, tmp_path, monkeypatch, cap
     assert not (tmp_path / "m").exists()
 
 
+class _NotATensor:
+    def __reduce__(self):  # unpickling this would call print: weights_only=True must refuse it
+        return (print, ("code ran",))
+
+
 def test_setup_weights_places_torchvisions_file_and_weights_flag_takes_any(data, tmp_path, monkeypatch, capsys):
     import hashlib
 
@@ -308,6 +313,10 @@ def test_setup_weights_places_torchvisions_file_and_weights_flag_takes_any(data,
     assert main(["setup-weights", "--backbone", "resnet18", "--file", str(pth)]) == 2
     err = capsys.readouterr().err.strip()
     assert "is not torchvision's ImageNet file resnet18-f37072fd.pth" in err and f"--weights {pth}" in err
+    # A pickle that would run code is never executed: weights_only refuses it, naming the file.
+    torch.save({"conv1.weight": _NotATensor()}, tmp_path / "code.pth")
+    assert main(["setup-weights", "--backbone", "resnet18", "--file", str(tmp_path / "code.pth")]) == 2
+    assert "cannot read backbone weights from" in capsys.readouterr().err
     # A file of another architecture: refused, saying so.
     assert main(["setup-weights", "--backbone", "resnet50", "--file", str(pth)]) == 2
     assert "does not load into resnet50" in capsys.readouterr().err

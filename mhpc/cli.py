@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mhpc.data.synthetic import ALL_DEFECT_KINDS, ALL_TEXTURES, DEFAULT_DIFFICULTY, DEFECT_KINDS
+from mhpc.data.catalog import ALL_DEFECT_KINDS, ALL_TEXTURES, DEFAULT_DIFFICULTY, DEFECT_KINDS
 from mhpc.errors import MHPCError
 
 DEMO_DATA = Path("demo_data")
@@ -298,8 +298,8 @@ class _ExportedScorer:
 
         from mhpc.data.transforms import denormalize
 
-        # The graph takes uint8 pixels: the normalised tensors go back to uint8 (exact for the centre crop,
-        # which resizes in uint8; within one grey level for the letterbox, which resizes in float).
+        # The graph takes uint8 pixels: the normalised tensors go back to exactly the uint8 pixels they were
+        # made from (mhpc.data.geometry prepares every image in uint8, normalisation is inverted by rounding).
         result = self.engine.predict(np.stack([denormalize(img) for img in images]))
         return result.scores.astype(np.float64), result.maps
 
@@ -643,10 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import warnings
 
-    from mhpc.core.model_file import KEY_ENV
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and argument errors exit here, before torch is imported
+    from mhpc.core.model_file import KEY_ENV
     saved_key, saved_show = os.environ.get(KEY_ENV), warnings.showwarning
     saved_term = signal.signal(signal.SIGTERM, _interrupt)
     warnings.showwarning = _one_line_warnings(args.command)

@@ -187,8 +187,8 @@ def _threshold_note(model: Any) -> str:
         return "no threshold (--holdout 0)"
     if "holdout_flagged" not in stats:
         return f"threshold {threshold:.4g}"
-    return (f"threshold {threshold:.4g} from {stats['count']} held-out good images, which it flags "
-            f"{stats['holdout_flagged']} of (false-positive rate {stats['holdout_fpr']:.3g})")
+    return (f"threshold {threshold:.4g} ({stats['quantile']:g} quantile of {stats['count']} held-out good images; "
+            f"it flags {stats['holdout_flagged']} of them: false-positive rate {stats['holdout_fpr']:.0%})")
 
 
 def _check_holdout(args: argparse.Namespace) -> None:

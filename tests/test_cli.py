@@ -233,7 +233,8 @@ def test_user_path_fit_predict_export_engine_update(user_folders, tmp_path, pres
     stats = MHPatchCore.load(model).threshold_stats_
     assert stats["count"] == 10 and "fitted on 22 images" in printed
     assert stats["holdout_flagged"] >= 1 and stats["holdout_fpr"] == stats["holdout_flagged"] / 10
-    assert f"from 10 held-out good images, which it flags {stats['holdout_flagged']} of" in printed
+    fpr = f"{stats['holdout_flagged'] * 10}%"
+    assert f"quantile of 10 held-out good images; it flags {stats['holdout_flagged']} of them: false-positive rate {fpr}" in printed
 
     # predict a folder with subfolders; the output goes inside it, and a later walk skips it.
     first = test / f"p-{preset}"

@@ -75,8 +75,9 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 
 
 def _add_key_file(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--key-file", help="file holding the HMAC key that signs (fit) or must have signed (predict) "
-                                      "the model; default: the MHPC_MODEL_KEY environment variable")
+    p.add_argument("--key-file", help="file holding the HMAC key that signs (fit, update) or must have signed "
+                                      "(predict, update) the model; surrounding whitespace is stripped, as from "
+                                      "the default: the MHPC_MODEL_KEY environment variable")
 
 
 def _add_geometry(p: argparse.ArgumentParser, crop: str) -> None:
@@ -248,7 +249,8 @@ def _cmd_update(args: argparse.Namespace) -> None:
             with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,), model_file=MODEL_FILENAME) as out:
                 target = update_and_save(out)
         else:
-            probe_writable(file.parent, f"--model {args.model} cannot be updated in place")  # before the pass
+            # Before the pass: an unwritable model folder fails now, not after it.
+            probe_writable(file.parent, f"--model {args.model} cannot be updated in place", ".safetensors")
             target = update_and_save(file)  # atomic: a temporary file renamed over the model, never half-written
     finally:
         if lock is not None:
@@ -337,7 +339,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from mhpc.core.mh_patch_core import MHPatchCore
 
-    if args.max_search_mb is not None and not (math.isfinite(args.max_search_mb) and args.max_search_mb * 2**20 >= 1):
+    mb = args.max_search_mb
+    if mb is not None and not (math.isfinite(mb) and mb * 2**20 >= 1):  # nan, inf, 0 and below refused here
         raise MHPCError(f"--max-search-mb must be a positive number of MiB, got {args.max_search_mb}")
     model = MHPatchCore.load(args.model)  # checks the file's SHA-256 before anything is exported
     model.progress = not args.quiet

@@ -78,10 +78,10 @@ def output_folder(path: str | os.PathLike, overwrite: bool = False, keep: Sequen
     try:
         yield out
     except BaseException:
-        _release(out, foreign, None if keep_written else set(keep), created)
+        _release(out, foreign, True, None if keep_written else set(keep), created)
         raise
     else:
-        _release(out, foreign, None, created)
+        _release(out, foreign, False, None, created)
     finally:
         os.close(lock)
 
@@ -177,7 +177,9 @@ def _claim(out: Path, overwrite: bool, keep: Sequence[str], flag: str,
                             "--overwrite cannot tell them from yours; remove them yourself or choose a new folder")
         owned_files, owned_dirs = _owned(record, files, dirs) if record else (set(), set())
         for name in sorted(files):
-            if name.endswith(".safetensors") and not (name == model_file and name in owned_files):
+            # The model this command replaces, or a killed save's temporary file, belong to the earlier run.
+            ours = name in owned_files and (name == model_file or name.rsplit("/", 1)[-1].startswith(".tmp-"))
+            if name.endswith(".safetensors") and not ours:
                 raise MHPCError(f"{flag} {out} holds the model {out / name}; write the results to another folder")
         if not overwrite:
             raise MHPCError(f"{flag} {out} is not empty; choose a new folder or pass --overwrite to replace "
@@ -202,19 +204,23 @@ def _claim(out: Path, overwrite: bool, keep: Sequence[str], flag: str,
     return foreign
 
 
-def _release(out: Path, foreign: tuple[set[str], set[str]], remove: set[str] | None, created: bool) -> None:
-    """Records the run's files in the marker. ``remove`` (after a failure): also removes what the run wrote,
-    except the top-level names in it that belonged to the earlier run (``keep``)."""
+def _release(out: Path, foreign: tuple[set[str], set[str]], failed: bool, keep: set[str] | None,
+             created: bool) -> None:
+    """Records the run's files in the marker. After a failure, also removes what the run wrote, except the
+    top-level names in ``keep`` (the earlier run's; None: keep everything written), and the marker and a
+    folder it created once nothing of an mhpc run is left."""
     files, dirs = _tree(out)
     owned_files, owned_dirs = files - foreign[0], dirs - foreign[1]
-    if remove is not None:
-        for name in [f for f in owned_files if _top(f) not in remove]:
-            _unlink(out / name)
-        for name in sorted((d for d in owned_dirs if _top(d) not in remove), key=lambda d: d.count("/"), reverse=True):
-            _rmdir_quiet(out / name)
-        files, dirs = _tree(out)
-        owned_files, owned_dirs = files - foreign[0], dirs - foreign[1]
-        if not owned_files and not owned_dirs:  # nothing of an mhpc run is left
+    if failed:
+        if keep is not None:
+            for name in [f for f in owned_files if _top(f) not in keep]:
+                _unlink(out / name)
+            for name in sorted((d for d in owned_dirs if _top(d) not in keep), key=lambda d: d.count("/"),
+                               reverse=True):
+                _rmdir_quiet(out / name)
+            files, dirs = _tree(out)
+            owned_files, owned_dirs = files - foreign[0], dirs - foreign[1]
+        if not owned_files and not owned_dirs:
             (out / MARKER).unlink(missing_ok=True)
             if created:
                 _rmdir_quiet(out)
@@ -252,11 +258,11 @@ def refuse_inputs_inside(out: str | os.PathLike, inputs: Iterable[str | os.PathL
             raise MHPCError(f"{flag} {out} holds the {what} {p}; {hint}")
 
 
-def probe_writable(folder: str | os.PathLike, what: str) -> None:
+def probe_writable(folder: str | os.PathLike, what: str, suffix: str = "") -> None:
     """Creates and removes a temporary file in ``folder``: a folder that cannot be written fails before the
-    work (``what``: the start of the one-line error)."""
+    work (``what``: the start of the one-line error; ``suffix``: the one whose stale files mhpc removes)."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
         os.close(fd)
         os.unlink(tmp)
     except OSError as exc:

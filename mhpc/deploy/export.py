@@ -173,7 +173,8 @@ def check_export_target(target: Path, fmt: str) -> None:
 
     files = export_files(target, fmt)
     if target.is_dir():
-        raise MHPCError(f"{target} is a folder; export writes a file (e.g. {target / 'model'}.{'xml' if fmt == 'openvino' else 'onnx'})")
+        example = target / ("model.xml" if fmt == "openvino" else "model.onnx")
+        raise MHPCError(f"{target} is a folder; export writes a file (e.g. {example})")
     for parent in target.parents:
         if parent.exists() and not parent.is_dir():
             raise MHPCError(f"{target} cannot be created: {parent} is a file")
@@ -182,7 +183,8 @@ def check_export_target(target: Path, fmt: str) -> None:
         return
     try:
         info = json.loads(sidecar_path(files[0]).read_text(encoding="utf-8"))
-        ours = isinstance(info, dict) and info.get("format") == SIDECAR_FORMAT and info.get("engine_file") == files[0].name
+        ours = (isinstance(info, dict) and info.get("format") == SIDECAR_FORMAT
+                and info.get("engine_file") == files[0].name)
     except (OSError, ValueError):
         ours = False
     for f in existing:

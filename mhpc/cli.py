@@ -287,8 +287,8 @@ class _ExportedScorer:
 
         from mhpc.data.transforms import denormalize
 
-        # The graph takes uint8 pixels: the normalised tensors go back to uint8 (exact for the centre crop,
-        # which resizes in uint8; within one grey level for the letterbox, which resizes in float).
+        # The graph takes uint8 pixels: the normalised tensors go back to exactly the uint8 pixels they were
+        # made from (mhpc.data.geometry prepares every image in uint8, normalisation is inverted by rounding).
         result = self.engine.predict(np.stack([denormalize(img) for img in images]))
         return result.scores.astype(np.float64), result.maps
 

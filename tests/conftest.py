@@ -62,3 +62,27 @@ def tiny_model(**kw):
     )
     params.update(kw)
     return MHPatchCore(**params)
+
+
+def assert_reloads_identically(model, folder, images, keep_fit_state: bool = True):
+    """save -> load -> predict gives bit-identical scores and maps; returns the loaded model."""
+    from mhpc.core.mh_patch_core import MHPatchCore
+
+    scores, maps = model.predict_images(images)
+    loaded = MHPatchCore.load(model.save(folder, keep_fit_state=keep_fit_state))
+    got_scores, got_maps = loaded.predict_images(images)
+    np.testing.assert_array_equal(got_scores, scores)
+    np.testing.assert_array_equal(got_maps, maps)
+    assert loaded.get_config() == model.get_config()
+    return loaded
+
+
+def assert_updates_and_reloads(model, new_batches, folder, images):
+    """update -> save -> load: the update is kept (more images, another bank) and reloads bit-identically."""
+    n_before, bank_before = model.n_train_images_, model.memory_bank_.clone()
+    model.update(new_batches)
+    assert model.n_train_images_ > n_before
+    assert model.memory_bank_.shape != bank_before.shape or not torch.equal(model.memory_bank_, bank_before)
+    again = assert_reloads_identically(model, folder, images)
+    assert again.n_train_images_ == model.n_train_images_ and again.fit_state_ is not None
+    return again

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torchvision.transforms import v2 as T
 
-from conftest import tiny_model
+from conftest import assert_reloads_identically, assert_updates_and_reloads, tiny_model
 from mhpc.core.mh_patch_core import (
     MHPatchCore,
     PatchCoreAggregation,
@@ -63,15 +63,20 @@ def assert_parity(model, images, result, rtol=1e-4):
 
 @pytest.mark.parametrize("alg,red,agg,dist", COMBOS, ids=lambda e: e.name)
 def test_onnxruntime_parity_all_combinations(tiny_set, images, tmp_path, alg, red, agg, dist):
+    """The model-file round trip of every combination: fit -> save -> load bit-identical, the loaded model
+    exports and the engine agrees, then update -> save -> load (tests/test_round_trip.py: presets, the
+    unpooled embedding, tiles, HMAC)."""
     model = fitted(tiny_set, images, algorithm=alg, feature_reduction=red, aggregation=agg, distance=dist)
+    loaded = assert_reloads_identically(model, tmp_path / "model", as_model_input(images))
     # the folded head exports fastest; it folds the projection too, so every configuration's affine map is
     # exercised; the gather head is checked in test_both_feature_heads_agree_with_torch and the tests below
-    path = model.export(tmp_path / "m.onnx", head="conv")
+    path = loaded.export(tmp_path / "m.onnx", head="conv")
     engine = DeployedModel(path)
     assert_parity(model, images, engine.predict(images))
     # dynamic batch: one image at a time gives the same scores
     single = np.concatenate([engine.predict(images[i : i + 1]).scores for i in range(len(images))])
     np.testing.assert_allclose(single, engine.predict(images).scores, rtol=1e-5)
+    assert_updates_and_reloads(loaded, tiny_set[0][1:2], tmp_path / "updated", as_model_input(images))
 
 
 @pytest.mark.parametrize("options", [
@@ -272,19 +277,73 @@ def test_search_blocks_stay_under_the_bound(tiny_set, images, tmp_path, rows, di
     np.testing.assert_allclose(scores, model.predict_images(as_model_input(images[3:]))[0], rtol=1e-4)
 
 
-def test_load_image_follows_the_resize_contract(tmp_path):
-    """Pillow-only loading (no torch) gives the pixels of the datasets' torchvision pipeline, +-1 grey level."""
+@pytest.mark.parametrize("crop", ["center", "none"])
+def test_load_image_gives_exactly_the_pixels_of_predict(tmp_path, crop):
+    """Pillow-only loading gives exactly the uint8 pixels that the datasets feed torch (one uint8 geometry),
+    for the centre crop and for the letterbox of a non-square image."""
     from PIL import Image
 
     from mhpc.data.datasets import ImageFilesDataset
+    from mhpc.data.transforms import make_preprocessing
     from mhpc.deploy import load_image, preprocessing_contract
 
     yy, xx = np.mgrid[0:90, 0:120]
     smooth = (127 + 100 * np.sin(xx / 9.0)[..., None] * np.cos(yy / 7.0)[..., None] * np.ones(3)).astype(np.uint8)
     Image.fromarray(smooth).save(tmp_path / "a.png")
-    contract = preprocessing_contract(tiny_model())
-    assert contract["resize_short_side"] == 73 and contract["crop"] == [64, 64]
+    model = tiny_model()
+    model.preprocessing_ = make_preprocessing((64, 64), crop)
+    contract = preprocessing_contract(model)
+    if crop == "center":
+        assert contract["resize_short_side"] == 73 and contract["crop"] == [64, 64]
     ours = load_image(tmp_path / "a.png", contract)
     theirs = denormalize(ImageFilesDataset([tmp_path / "a.png"], preprocessing=contract["mhpc_preprocessing"])[0]["image"])
     assert ours.shape == theirs.shape == (64, 64, 3) and ours.dtype == np.uint8
-    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+    np.testing.assert_array_equal(ours, theirs)
+    if crop == "none":  # 120 x 90 into 64 x 64: 48 rows of image, 8 rows of mean-colour padding above and below
+        assert (ours[:8] == (124, 116, 104)).all() and (ours[-8:] == (124, 116, 104)).all()
+        assert not (ours[8:56] == (124, 116, 104)).all(axis=-1).any(axis=-1).all()
+
+
+def test_letterboxed_model_engines_agree_on_non_square_images_through_the_cli(tiny_set, tmp_path):
+    """One uint8 letterbox for every engine: a whole-image model fitted on 96 x 72 images scores images of
+    other sizes and aspects (120 x 70, 50 x 90, 64 x 64) within 1e-4 on torch, onnxruntime and OpenVINO."""
+    from PIL import Image
+
+    from mhpc.cli import main
+
+    train = torch.cat(tiny_set[0])[:6]
+    rng = np.random.default_rng(0)
+    good, test = tmp_path / "good", tmp_path / "test"
+    good.mkdir()
+    test.mkdir()
+    for i, img in enumerate(train):
+        Image.fromarray(denormalize(img)).resize((96, 72), Image.BILINEAR).save(good / f"{i}.png")
+    for i, (w, h) in enumerate([(120, 70), (50, 90), (64, 64), (97, 61)]):
+        texture = Image.fromarray(denormalize(train[i % len(train)])).resize((w, h), Image.BILINEAR)
+        pixels = np.asarray(texture).copy()
+        if i % 2:  # a bright defect in every other image, so the verdicts differ
+            pixels[h // 3 : h // 2, w // 3 : w // 2] = rng.integers(200, 256, 3)
+        Image.fromarray(pixels).save(test / f"{i}.png")
+    model = tmp_path / "model"
+    assert main(["fit", "--folder", str(good), "--out", str(model), "--input-size", "64", "64", "--holdout", "0",
+                 "--backbone", "resnet18", "--random-init", "--layers", "layer2", "layer3", "--quiet",
+                 "--config", str(_write(tmp_path / "c.yaml", "pretrain_embed_dimension: 64\ntarget_embed_dimension: 48\n"
+                                                          "coreset_percentage: 0.25\n"))]) == 0
+    assert MHPatchCore.load(model).preprocessing_["crop"] == "none"
+    assert main(["export", "--model", str(model), "--out", str(tmp_path / "m.onnx"), "--head", "conv", "--quiet"]) == 0
+    assert main(["export", "--model", str(model), "--format", "openvino", "--out", str(tmp_path / "m.xml"),
+                 "--head", "conv", "--quiet"]) == 0
+    scores = {}
+    for engine, path in {"torch": model, "onnxruntime": tmp_path / "m.onnx", "openvino": tmp_path / "m.xml"}.items():
+        out = tmp_path / f"out-{engine}"
+        assert main(["predict", "--model", str(path), "--images", str(test), "--out", str(out), "--engine", engine,
+                     "--quiet"]) == 0
+        scores[engine] = np.array([float(r["score"]) for r in csv.DictReader(open(out / "scores.csv"))])
+    assert len(scores["torch"]) == 4 and len(set(scores["torch"].round(6))) == 4
+    for engine in ("onnxruntime", "openvino"):
+        np.testing.assert_allclose(scores[engine], scores["torch"], rtol=1e-4, atol=0)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -46,6 +47,23 @@ def parse_backbone(name: BackboneName | str) -> BackboneName:
 
 def default_layers(name: BackboneName | str) -> list[str]:
     return list(_SPECS[parse_backbone(name)][3])
+
+
+@functools.cache
+def layer_channels(name: BackboneName | str, layers: tuple[str, ...]) -> tuple[int, ...]:
+    """The channel count of each named layer, from the architecture alone: the model is built and traced on
+    PyTorch's ``meta`` device (shapes, no weights, no data), so a model file's shapes can be checked
+    before any weights load."""
+    builder = getattr(torchvision.models, _SPECS[parse_backbone(name)][0])
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    try:
+        with torch.device("meta"):
+            body = create_feature_extractor(builder(weights=None), return_nodes={l: l for l in layers})
+            out = body(torch.empty(1, 3, 64, 64))
+    except Exception as exc:  # noqa: BLE001 - a bad layer name surfaces here
+        raise MHPCError(f"cannot extract layers {list(layers)} from {parse_backbone(name).value}: {exc}") from None
+    return tuple(int(out[l].shape[1]) for l in layers)
 
 
 def hub_checkpoint_dir() -> Path:

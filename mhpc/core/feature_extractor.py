@@ -64,6 +64,12 @@ def pooling_plan(layer_dims: list[int], pretrain_dim: int, target_dim: int):
 EMBEDDINGS = ("pooled", "unpooled")
 
 
+def embedding_width(channels: tuple[int, ...], embedding: str, target_embed_dimension: int) -> int:
+    """The patch feature width: ``target_embed_dimension`` for the pooled embedding, the layers' channels
+    summed for the unpooled one (no pooling across channels)."""
+    return int(sum(channels)) if embedding == "unpooled" else int(target_embed_dimension)
+
+
 class PatchFeatureExtractor(nn.Module):
     """Images ``[B, 3, H, W]`` -> patch features ``[B, h*w, target_dim]`` and the grid ``(h, w)``."""
 

@@ -6,8 +6,9 @@ model: ...", instead of a KeyError at load or a NaN score at predict.
 
 ``TENSORS`` is a table of the known tensors with their shapes in named dimensions; a file is valid when
 every dimension name binds to one size across all tensors:
-  F: feature width (config ``target_embed_dimension``); R: width of the searched space (PCA components,
-  else F); N: memory-bank rows. Tensors named ``fit_state.*`` are optional extra fitted state (checked
+  F: feature width, derived from the configuration (``target_embed_dimension`` for the pooled embedding,
+  the embedding layers' channels summed for the unpooled one); R: width of the searched space (PCA
+  components, at most F, else F); N: memory-bank rows. Tensors named ``fit_state.*`` are optional extra fitted state (checked
   only for finiteness). To add a tensor, add a row.
 """
 
@@ -124,8 +125,21 @@ def check_state(file: Path, state: Any, config: Config) -> dict[str, Any]:
     return state
 
 
+def feature_width(config: Config) -> int:
+    """The patch feature width a model of this configuration produces (no weights are loaded)."""
+    from mhpc.core.backbones import default_layers, layer_channels
+    from mhpc.core.feature_extractor import embedding_width
+
+    layers = tuple(config.get("embedding_layers") or default_layers(config["backbone"]))
+    channels = layer_channels(config["backbone"], layers)
+    return embedding_width(channels, config.get("patch_embedding", "pooled"), int(config["target_embed_dimension"]))
+
+
 def check_tensors(file: Path, tensors: dict[str, torch.Tensor], config: Config) -> None:
-    sizes: dict[str, int] = {"F": int(config["target_embed_dimension"])}
+    try:
+        sizes: dict[str, int] = {"F": feature_width(config)}
+    except MHPCError as exc:
+        raise _fail(file, f"config: {exc}") from None
     if str(config.get("feature_reduction", "")).upper() != "PCA":
         sizes["R"] = sizes["F"]
     for name, spec in TENSORS.items():
@@ -150,7 +164,9 @@ def check_tensors(file: Path, tensors: dict[str, torch.Tensor], config: Config) 
             if sizes.setdefault(dim, int(size)) != size:
                 raise _fail(file, f"tensor {name!r} has shape {tuple(tensor.shape)}, but dimension {dim} is "
                                   f"{sizes[dim]} elsewhere ({_DIM_NAMES.get(dim, dim)})")
+    if sizes.get("R", 0) > sizes["F"]:
+        raise _fail(file, f"the searched width R = {sizes['R']} exceeds the feature width F = {sizes['F']}")
 
 
-_DIM_NAMES = {"F": "feature width, target_embed_dimension", "R": "searched width: PCA components or F",
+_DIM_NAMES = {"F": "feature width, from the backbone layers and the patch embedding", "R": "searched width: PCA components or F",
               "N": "memory bank rows"}

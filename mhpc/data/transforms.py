@@ -5,7 +5,7 @@ A model records the preprocessing it was fitted with as a small JSON-able dict (
 export all preprocess from the same code:
 
   ``{"crop": "none", "input_size": [H, W], "resize": None, "bit_depth": None}``
-    the whole image, scaled to fit H x W with its aspect ratio kept, padded with the mean colour
+    the whole image, scaled to fit H x W with its aspect ratio kept, padded with the mean colour in uint8
     (every pixel is inspected: a defect at the border is seen);
   ``{"crop": "center", "input_size": [H, W], "resize": R, ...}``
     the MVTec protocol: short side resized to R (256 for 224), centre crop H x W (drops the border).
@@ -25,12 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
-from torchvision.transforms.v2 import functional as F
 
+from mhpc.data.geometry import IMAGENET_MEAN, IMAGENET_STD, letterbox_geometry, prepare_image, prepare_mask
 from mhpc.errors import MHPCError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CROP_MODES", "letterbox_geometry", "make_preprocessing",
+           "check_preprocessing", "build_transforms", "image_transform", "dataset_preprocessing", "denormalize",
+           "binary_mask"]
+
 CROP_MODES = ("none", "center")
 
 
@@ -69,49 +71,25 @@ def check_preprocessing(pre: Any, source: str = "preprocessing") -> dict[str, An
             "bit_depth": depth, "tile": list(tile) if tile is not None else None}
 
 
-def letterbox_geometry(height: int, width: int, out_h: int, out_w: int) -> tuple[int, int, int, int]:
-    """(new_h, new_w, top, left): the image scaled to fit ``out_h x out_w`` with its aspect kept, centred."""
-    scale = min(out_h / height, out_w / width)
-    new_h, new_w = max(1, min(out_h, round(height * scale))), max(1, min(out_w, round(width * scale)))
-    return new_h, new_w, (out_h - new_h) // 2, (out_w - new_w) // 2
+class PillowGeometry:
+    """The uint8 geometry of ``mhpc.data.geometry`` as a transform step (image or mask)."""
 
+    def __init__(self, pre: dict[str, Any], mask: bool = False) -> None:
+        self.pre, self.mask = pre, mask
 
-class Letterbox(torch.nn.Module):
-    """Resizes the whole image into ``size`` keeping its aspect ratio; the rest is ``fill``.
-
-    torchvision has no letterbox transform; this is its resize followed by its pad.
-    """
-
-    def __init__(self, size: Sequence[int], interpolation: T.InterpolationMode, fill: float = 0.0) -> None:
-        super().__init__()
-        self.size, self.interpolation, self.fill = (int(size[0]), int(size[1])), interpolation, fill
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        h, w = image.shape[-2:]
-        new_h, new_w, top, left = letterbox_geometry(h, w, *self.size)
-        antialias = self.interpolation is not T.InterpolationMode.NEAREST
-        out = F.resize(image, [new_h, new_w], interpolation=self.interpolation, antialias=antialias)
-        pad = [left, top, self.size[1] - new_w - left, self.size[0] - new_h - top]
-        return F.pad(out, pad, fill=self.fill) if any(pad) else out
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return prepare_mask(img, self.pre) if self.mask else prepare_image(img, self.pre)
 
 
 def build_transforms(pre: dict[str, Any]) -> tuple[T.Compose, T.Compose]:
     """(image transform, mask transform) for a preprocessing dict. Images: PIL RGB -> normalised
     float [3, H, W]; masks: binary PIL L -> {0, 1} float [1, H, W] with the same geometry."""
     pre = check_preprocessing(pre)
-    size = pre["input_size"]
-    to_float = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
-    if pre["crop"] == "center":
-        image = [T.Resize(pre["resize"], interpolation=T.InterpolationMode.BILINEAR, antialias=True), T.CenterCrop(size)]
-        mask = [T.Resize(pre["resize"], interpolation=T.InterpolationMode.NEAREST), T.CenterCrop(size)]
-        image_tf = T.Compose([T.ToImage(), *image, T.ToDtype(torch.float32, scale=True),
-                              T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    else:
-        # Normalise first, then pad with 0 = the ImageNet mean colour.
-        image_tf = T.Compose([*to_float, T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-                              Letterbox(size, T.InterpolationMode.BILINEAR)])
-        mask = [Letterbox(size, T.InterpolationMode.NEAREST)]
-    mask_tf = T.Compose([T.ToImage(), *mask, T.ToDtype(torch.float32, scale=True)])
+    # The geometry in uint8 (Pillow), then the normalisation the exported graph also does: so denormalising
+    # a transformed image and rounding gives back exactly the pixels the engines are fed.
+    image_tf = T.Compose([PillowGeometry(pre), T.ToImage(), T.ToDtype(torch.float32, scale=True),
+                          T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    mask_tf = T.Compose([PillowGeometry(pre, mask=True), T.ToImage(), T.ToDtype(torch.float32, scale=True)])
     return image_tf, mask_tf
 
 

@@ -36,8 +36,8 @@ def preprocessing_contract(model: Any) -> dict[str, Any]:
     else:
         contract = {
             "mode": "letterbox",
-            "description": "scale the whole image to fit H x W keeping its aspect (bilinear, antialiased), centre it, "
-                           "pad with the ImageNet mean colour (124, 116, 104)",
+            "description": "scale the whole image to fit H x W keeping its aspect (Pillow bilinear on uint8, "
+                           "antialiased), centre it, pad with the ImageNet mean colour (124, 116, 104)",
             "size": [h, w],
         }
         if pre.get("tile"):
@@ -78,23 +78,17 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
 
 
 def load_image(path: str | Path, contract: dict[str, Any]) -> np.ndarray:
-    """One image file -> uint8 [H, W, 3] following the default contract, with Pillow only (no torch).
-
-    Pillow's antialiased bilinear resize is what torchvision's tensor resize approximates; pixels may
-    differ by one grey level from ``mhpc predict``'s torchvision pipeline (the CLI uses that pipeline
-    itself, so its engines see identical pixels).
-    """
-    from PIL import Image
-
+    """One image file -> the graph's uint8 [H, W, 3] input, exactly as ``mhpc predict`` prepares it: the
+    same decoding and the same uint8 Pillow geometry (``mhpc.data.geometry``), centre crop or letterbox.
+    A tiled contract (``tile``) is refused: its tiles are cut from the original image first."""
+    from mhpc.data.geometry import prepare_image
     from mhpc.data.io import load_rgb
 
-    if contract.get("mode") != "resize_short_side_then_center_crop":
-        raise MHPCError(f"load_image implements the default resize + centre-crop contract only, not {contract}")
-    img = load_rgb(Path(path))
-    short = int(contract["resize_short_side"])
-    w, h = img.size
-    new_w, new_h = (short, max(1, round(h * short / w))) if w <= h else (max(1, round(w * short / h)), short)
-    img = img.resize((new_w, new_h), Image.BILINEAR)
-    ch, cw = contract["crop"]
-    top, left = int(round((new_h - ch) / 2.0)), int(round((new_w - cw) / 2.0))
-    return np.asarray(img.crop((left, top, left + cw, top + ch)), dtype=np.uint8)
+    pre = contract.get("mhpc_preprocessing")
+    if not isinstance(pre, dict) or pre.get("crop") not in ("none", "center") or "input_size" not in pre:
+        raise MHPCError(f"load_image needs the sidecar's preprocessing contract with 'mhpc_preprocessing', got {contract}")
+    if pre.get("tile"):
+        raise MHPCError("load_image prepares whole images; a tiled model's images are cut into tiles first "
+                        "(`mhpc predict --engine` does it)")
+    img = load_rgb(Path(path), pre.get("bit_depth"))
+    return np.asarray(prepare_image(img, pre), dtype=np.uint8)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mhpc.core.feature_extractor import embedding_width
 from mhpc.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mhpc.errors import MHPCError
 
@@ -228,7 +229,7 @@ class DeployGraph(nn.Module):
             fmaps = self.body(torch.zeros(1, 3, *self.input_shape))
         channels = [int(fmaps[l].shape[1]) for l in self.layers]
         self.unpooled = extractor.embedding == "unpooled"
-        dim = sum(channels) if self.unpooled else int(extractor.target_embed_dimension)
+        dim = embedding_width(tuple(channels), extractor.embedding, extractor.target_embed_dimension)
         affine = affine_of(model, dim)
         self.head = head
         if head == "conv":

@@ -91,7 +91,9 @@ class Whitener:
         cache = self.__dict__.setdefault("_cache", {})
         key = (device, dtype)
         if key not in cache:
-            cache[key] = (self.mean_.to(device, dtype), self.cholesky_.to(device, dtype))
+            # contiguous: a fitted factor may be a transposed view, and the solve's rounding follows the
+            # layout, so a loaded model (contiguous tensors) would differ from the fitted one in the last bit
+            cache[key] = (self.mean_.to(device, dtype).contiguous(), self.cholesky_.to(device, dtype).contiguous())
         return cache[key]
 
     def transform(self, features: torch.Tensor) -> torch.Tensor:

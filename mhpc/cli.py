@@ -208,14 +208,9 @@ def _calibrate(model: Any, hold_ds: Any, batch_size: int, quantile: float) -> No
 
 
 def _cmd_update(args: argparse.Namespace) -> None:
-    from mhpc.core.mh_patch_core import MHPatchCore
-    from mhpc.core.model_file import MODEL_FILENAME, model_key, resolve_model_path
-    from mhpc.data.datasets import make_loader
-    from mhpc.outputs import lock_folder, output_folder, probe_writable, refuse_inputs_inside
-    from mhpc.validation import check_batch_size
+    from mhpc.core.model_file import resolve_model_path
+    from mhpc.outputs import lock_folder, refuse_inputs_inside
 
-    _check_holdout(args)
-    batch_size = check_batch_size(args.batch_size)
     file = resolve_model_path(args.model)
     if args.out:
         refuse_inputs_inside(args.out, [file], "model", hint="omit --out to update it in place")
@@ -223,38 +218,49 @@ def _cmd_update(args: argparse.Namespace) -> None:
     # update can neither read the old model nor replace the first one's result (it is refused at once).
     lock = lock_folder(file.parent, f"--model {args.model}") if not args.out and file.parent.is_dir() else None
     try:
-        model = MHPatchCore.load(args.model, device=args.device)
-        if getattr(model, "fit_state_", None) is None:
-            raise MHPCError(f"{args.model} was saved without its fit state (keep_fit_state=False), so it cannot be "
-                            "updated; refit it with mhpc fit")
-        if getattr(model, "signed_", False) and model_key() is None:
-            raise MHPCError(f"{file} is signed (HMAC): updating it needs its key (--key-file or MHPC_MODEL_KEY), "
-                            "so that the updated model is signed too")
-        model.progress = not args.quiet
-        pre = _saved_preprocessing(model)
-        if pre.get("tile"):
-            raise MHPCError(f"{args.model} was fitted on tiles; mhpc update reads whole images, so refit it with "
-                            "mhpc fit")
-        full, fit_idx, hold_idx = _good_images(args, pre)
-        before = model.n_train_images_
-        start = time.perf_counter()
-        hold = make_loader(full.subset(hold_idx), batch_size) if hold_idx else None
-
-        def update_and_save(target: str | Path) -> Path:
-            model.update(make_loader(full.subset(fit_idx), batch_size), hold, args.threshold_quantile)
-            return model.save(target)
-
-        if args.out:
-            refuse_inputs_inside(args.out, [s.image for s in full.samples], "training image")
-            with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,), model_file=MODEL_FILENAME) as out:
-                target = update_and_save(out)
-        else:
-            # Before the pass: an unwritable model folder fails now, not after it.
-            probe_writable(file.parent, f"--model {args.model} cannot be updated in place", ".safetensors")
-            target = update_and_save(file)  # atomic: a temporary file renamed over the model, never half-written
+        _update(args, file)
     finally:
         if lock is not None:
             os.close(lock)
+
+
+def _update(args: argparse.Namespace, file: Path) -> None:
+    from mhpc.core.mh_patch_core import MHPatchCore
+    from mhpc.core.model_file import MODEL_FILENAME, model_key
+    from mhpc.data.datasets import make_loader
+    from mhpc.outputs import output_folder, probe_writable, refuse_inputs_inside
+    from mhpc.validation import check_batch_size
+
+    _check_holdout(args)
+    batch_size = check_batch_size(args.batch_size)
+    model = MHPatchCore.load(args.model, device=args.device)
+    if getattr(model, "fit_state_", None) is None:
+        raise MHPCError(f"{args.model} was saved without its fit state (keep_fit_state=False), so it cannot be "
+                        "updated; refit it with mhpc fit")
+    if getattr(model, "signed_", False) and model_key() is None:
+        raise MHPCError(f"{file} is signed (HMAC): updating it needs its key (--key-file or MHPC_MODEL_KEY), "
+                        "so that the updated model is signed too")
+    model.progress = not args.quiet
+    pre = _saved_preprocessing(model)
+    if pre.get("tile"):
+        raise MHPCError(f"{args.model} was fitted on tiles; mhpc update reads whole images, so refit it with mhpc fit")
+    full, fit_idx, hold_idx = _good_images(args, pre)
+    before = model.n_train_images_
+    start = time.perf_counter()
+    hold = make_loader(full.subset(hold_idx), batch_size) if hold_idx else None
+
+    def update_and_save(target: str | Path) -> Path:
+        model.update(make_loader(full.subset(fit_idx), batch_size), hold, args.threshold_quantile)
+        return model.save(target)
+
+    if args.out:
+        refuse_inputs_inside(args.out, [s.image for s in full.samples], "training image")
+        with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,), model_file=MODEL_FILENAME) as out:
+            target = update_and_save(out)
+    else:
+        # Before the pass: an unwritable model folder fails now, not after it.
+        probe_writable(file.parent, f"--model {args.model} cannot be updated in place", ".safetensors")
+        target = update_and_save(args.model)  # atomic: a temporary file renamed over the model, never half-written
     threshold = getattr(model, "threshold_", None)
     note = "recalibrated" if hold_idx else "kept"
     print(f"updated with {len(fit_idx)} images ({before} -> {model.n_train_images_}) in "

@@ -253,7 +253,7 @@ def test_update_of_a_signed_model_needs_the_key_and_stays_signed(work, tmp_path,
     # The API refuses too: a model loaded from a signed file is not saved unsigned.
     model = MHPatchCore.load(signed)
     monkeypatch.delenv("MHPC_MODEL_KEY")
-    with pytest.raises(MHPCError, match="loaded from a signed file"):
+    with pytest.raises(MHPCError, match="comes from a signed file"):
         model.save(tmp_path / "copy")
     assert not (tmp_path / "copy" / "model.safetensors").exists()
 

@@ -156,7 +156,7 @@ def save_model(model: "MHPatchCore", path: str | os.PathLike, keep_fit_state: bo
     }
     key = model_key()
     if key is None and getattr(model, "signed_", False):
-        raise ModelFileError(f"cannot save to {target}: the model was loaded from a signed file, and without its key "
+        raise ModelFileError(f"cannot save to {target}: the model comes from a signed file, and without its key "
                              f"({KEY_ENV} / --key-file) it would be saved unsigned")
     signed = {**meta, "sha256": _digest(tensors, meta)}
     if key:

@@ -89,30 +89,31 @@ def output_folder(path: str | os.PathLike, overwrite: bool = False, keep: Sequen
 def lock_folder(folder: str | os.PathLike, what: str) -> int:
     """An exclusive lock on ``folder`` held until the returned descriptor is closed; a second writer gets
     one MHPCError naming ``what``. See the module docstring for why ``flock``."""
-    import fcntl
-
     folder = Path(folder)
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        return _flock(folder, os.O_RDONLY, what)
+    except MHPCError:
+        raise
+    except OSError:  # some network file systems lock only files opened for writing: a lock file there
+        pass
+    try:
+        return _flock(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, what)
     except OSError as exc:
         raise MHPCError(f"{what} cannot be locked: {exc.strerror or exc}") from None
-    for attempt in ("folder", "lock file"):
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            os.close(fd)
+
+
+def _flock(path: Path, flags: int, what: str) -> int:
+    import fcntl
+
+    fd = os.open(path, flags, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException as exc:
+        os.close(fd)
+        if isinstance(exc, BlockingIOError):
             raise MHPCError(f"{what} is being written by another mhpc process; wait for it to finish") from None
-        except OSError as exc:
-            os.close(fd)
-            if attempt == "lock file":
-                raise MHPCError(f"{what} cannot be locked: {exc.strerror or exc}") from None
-            # Some network file systems lock only files opened for writing: a lock file in the folder then.
-            try:
-                fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError as exc2:
-                raise MHPCError(f"{what} cannot be locked: {exc2.strerror or exc2}") from None
-    raise AssertionError("unreachable")
+        raise
+    return fd
 
 
 def _tree(root: Path) -> tuple[set[str], set[str]]:

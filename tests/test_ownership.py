@@ -4,7 +4,6 @@ the exit code, the one-line message and what is on disk afterwards."""
 
 import errno
 import json
-import math
 import os
 import subprocess
 import sys

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mhpc.data.synthetic import ALL_DEFECT_KINDS, ALL_TEXTURES, DEFAULT_DIFFICULTY, DEFECT_KINDS
+from mhpc.data.catalog import ALL_DEFECT_KINDS, ALL_TEXTURES, DEFAULT_DIFFICULTY, DEFECT_KINDS
 from mhpc.errors import MHPCError
 
 DEMO_DATA = Path("demo_data")
@@ -598,10 +598,9 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import warnings
 
-    from mhpc.core.model_file import KEY_ENV
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and argument errors exit here, before torch is imported
+    from mhpc.core.model_file import KEY_ENV
     saved_key, saved_show = os.environ.get(KEY_ENV), warnings.showwarning
     saved_term = signal.signal(signal.SIGTERM, _interrupt)
     warnings.showwarning = _one_line_warnings(args.command)

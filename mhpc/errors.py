@@ -1,6 +1,4 @@
-"""Exceptions shared across mhpc."""
-
-from sklearn.exceptions import NotFittedError
+"""Exceptions shared across mhpc. A leaf module: the command line imports it before anything heavy."""
 
 __all__ = ["NotFittedError", "MHPCError", "ModelFileError", "MHPCWarning"]
 
@@ -16,3 +14,13 @@ class ModelFileError(MHPCError):
 class MHPCWarning(UserWarning):
     """A legal but doubtful input (few threshold images, a huge cluster count, an ill-conditioned covariance).
     The CLI prints it as one line."""
+
+
+def __getattr__(name: str):
+    # NotFittedError is scikit-learn's own (so `except sklearn.exceptions.NotFittedError` catches ours);
+    # it is looked up on first use because importing sklearn costs seconds, and `mhpc --help` needs none.
+    if name == "NotFittedError":
+        from sklearn.exceptions import NotFittedError
+
+        return NotFittedError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

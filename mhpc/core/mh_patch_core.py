@@ -239,7 +239,8 @@ class MHPatchCore:
                 device=self.device_, progress=self.progress,
             )
         if self.aggregation_ is PatchCoreAggregation.KMEANS:
-            return KMeansBank(self.kmeans_clusters, int(self.kmeans_batch_size), self.seed, expected_patches)
+            return KMeansBank(self.kmeans_clusters, int(self.kmeans_batch_size), self.seed, expected_patches,
+                              progress=self.progress)
         return KeepAll()
 
     # ------------------------------------------------------------------ data
@@ -437,20 +438,27 @@ class MHPatchCore:
         state = getattr(self, "fit_state_", None)
         if state is None:
             raise MHPCError("this model has no fit state (saved with keep_fit_state=False); refit it to add images")
-        # Restore point: the stages are replaced, never changed in place, so shallow copies suffice.
-        saved = {k: getattr(self, k) for k in ("affine_", "memory_bank_", "n_train_images_", "grid_shape_")}
+        # Restore point: the stages are replaced, never changed in place, so shallow copies suffice. The
+        # calibration is inside: a failing one leaves the model as it was, not updated with the old threshold.
+        absent = object()
+        saved = {k: self.__dict__.get(k, absent) for k in ("affine_", "memory_bank_", "n_train_images_", "grid_shape_",
+                                                          "fit_state_", "threshold_", "threshold_stats_", "n_passes_")}
         saved["space_"] = copy.copy(self.space_)
         try:
             stats, bank = self._online_passes(dataloader, FitState(state.statistics, state.bank.copy(), state.n_images))
             self.finalize_bank(bank)
+            self.n_train_images_ = state.n_images + self.n_train_images_
+            self.fit_state_ = FitState(stats, bank, self.n_train_images_)
+            if calibration_loader is not None:
+                self.calibrate(calibration_loader, quantile)
         except BaseException:
-            self.__dict__.update(saved)
+            for k, v in saved.items():
+                if v is absent:
+                    self.__dict__.pop(k, None)
+                else:
+                    self.__dict__[k] = v
             self.scorer_.fit(self.memory_bank_)
             raise
-        self.n_train_images_ = state.n_images + self.n_train_images_
-        self.fit_state_ = FitState(stats, bank, self.n_train_images_)
-        if calibration_loader is not None:
-            self.calibrate(calibration_loader, quantile)
         return self
 
     def _collect(self, loader: Iterable, sink: dict[str, Any] | None = None) -> torch.Tensor:
@@ -587,11 +595,15 @@ class MHPatchCore:
             raise MHPCError(f"calibration needs finite scores of at least one image, got {scores.size} score(s)")
         if scores.size < 10:
             warn(f"the threshold comes from only {scores.size} held-out image(s); with fewer than 10 it is one "
-                 "image's score or close to it, so good images will be flagged. Hold out more good images.")
+                 "image's score or close to it, so good images will be flagged. Hold out more good images "
+                 "(mhpc fit/update --holdout F; at least 10 are held out once the set has 30).")
         self.threshold_ = float(np.quantile(scores, quantile))
+        # The held-out images' own false-positive rate: below quantile 1 at least the highest one is flagged.
+        flagged = int((scores >= self.threshold_).sum())
         self.threshold_stats_ = {
             "quantile": quantile, "count": int(scores.size), "mean": float(scores.mean()),
             "std": float(scores.std()), "max": float(scores.max()), "threshold": self.threshold_,
+            "holdout_flagged": flagged, "holdout_fpr": flagged / scores.size,
         }
         return self
 

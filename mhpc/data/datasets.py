@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mhpc.data.io import SIXTEEN_BIT_MODES, image_bit_depth, inspect_image, list_images, load_mask, load_rgb, png_sbit
+from mhpc.data.io import (SIXTEEN_BIT_MODES, image_bit_depth, inspect_image, list_images, load_mask, load_rgb,
+                          png_sbit, walk_images)
 from mhpc.data.transforms import build_transforms, make_preprocessing
 from mhpc.errors import MHPCError, MHPCWarning
+from mhpc.outputs import MARKER
 
 
 @dataclass(frozen=True)
@@ -178,14 +180,15 @@ class FolderDataset(SampleDataset):
 
 
 class ImageFilesDataset(SampleDataset):
-    """Arbitrary image files for ``mhpc predict`` (no labels)."""
+    """Arbitrary image files for ``mhpc predict`` (no labels); a folder is walked with its subfolders
+    (an earlier mhpc output folder inside it is skipped)."""
 
     def __init__(self, paths: list[str | Path], input_size=224, crop: str = "none", preprocessing: dict | None = None):
         samples = []
         for p in paths:
             p = Path(p)
             if p.is_dir():
-                samples.extend(Sample(f, None, False, "") for f in list_images(p))
+                samples.extend(Sample(f, None, False, "") for f in walk_images(p, MARKER))
             elif p.is_file():
                 samples.append(Sample(p, None, False, ""))
             else:

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import torch
 from sklearn.cluster import MiniBatchKMeans
+from tqdm.auto import tqdm
 
 from mhpc.errors import MHPCError
 from mhpc.fit_state import BankState
@@ -35,6 +36,21 @@ def resolve_cluster_count(clusters: int | float, num_patches: int) -> int:
     return max(1, min(count, num_patches))
 
 
+class _ProgressMiniBatchKMeans(MiniBatchKMeans):
+    """``MiniBatchKMeans`` whose ``fit`` advances a tqdm bar once per mini-batch step. sklearn has no
+    callback; the hook is its per-step convergence check, which runs unchanged, so the result is the
+    same as the plain estimator's. Without the method (another sklearn) the bar just does not move."""
+
+    def _mini_batch_convergence(self, step, n_steps, *args, **kwargs):
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            if bar.total != n_steps:  # the step count is known only once fit has initialised
+                bar.reset(total=n_steps)
+                bar.set_description("k-means steps (stops early once converged)")
+            bar.update(1)
+        return super()._mini_batch_convergence(step, n_steps, *args, **kwargs)
+
+
 class KMeansBank(MemoryBankStrategy):
     """VANILLA: ``MiniBatchKMeans.fit`` on all patches; ONLINE: ``partial_fit`` batch by batch.
 
@@ -50,11 +66,13 @@ class KMeansBank(MemoryBankStrategy):
         batch_size: int = 4096,
         seed: int = 0,
         expected_patches: int | None = None,
+        progress: bool = False,
     ) -> None:
         self.clusters = clusters
         self.batch_size = batch_size
         self.seed = seed
         self.expected_patches = expected_patches
+        self.progress = progress
 
     def _model(self, n_clusters: int, compute_labels: bool = True) -> MiniBatchKMeans:
         return MiniBatchKMeans(
@@ -65,7 +83,12 @@ class KMeansBank(MemoryBankStrategy):
     def run(self, features: torch.Tensor) -> torch.Tensor:
         data = features.detach().cpu().float().numpy()
         k = resolve_cluster_count(self.clusters, data.shape[0])
-        self.kmeans_ = self._model(k).fit(data)
+        km = _ProgressMiniBatchKMeans(**self._model(k).get_params())
+        with tqdm(desc=f"k-means: k-means++ initialisation of {k} centres", unit="step", leave=False,
+                  disable=not self.progress) as km._bar:
+            km.fit(data)
+        del km._bar
+        self.kmeans_ = km
         return torch.from_numpy(self.kmeans_.cluster_centers_.astype(np.float32))
 
     def run_state(self, features: torch.Tensor) -> BankState:

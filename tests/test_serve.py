@@ -531,6 +531,8 @@ def test_cli_refuses_bad_options_in_one_line(served, tmp_path, capsys):
             f"cannot listen on 127.0.0.1:{busy.getsockname()[1]}": ["--model", model, "--port",
                                                                      str(busy.getsockname()[1])],
             "fitted on tiles": None,
+            "--replicas needs --ray": ["--model", model, "--replicas", "2"],
+            "--ray needs a fixed --port": ["--model", model, "--ray", "--port", "0"],
         }
         tiled = tmp_path / "tiled"
         assert main(["fit", "--folder", str(served["good"]), "--out", str(tiled), "--tile", "40", "--holdout", "0.34",

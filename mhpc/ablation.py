@@ -334,7 +334,8 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
         done.setdefault(key, run_dir)
         for message in metrics.get("warnings", []):
             tqdm.write(f"warning ({rel}): {message}", file=sys.stderr)
-        rows.append({c: metrics.get(c) for c in COLUMNS} | {"config": name, "seed": seed})
+        # the run's own config, seed and category label its row (never what a metrics file says they were)
+        rows.append({c: metrics.get(c) for c in COLUMNS} | {"config": name, "seed": seed, "category": category})
         links[rel] = f"{rel}/report.html"
     bar.close()
     table_rows = summarise(rows)

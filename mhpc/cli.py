@@ -462,11 +462,21 @@ def _cmd_serve(args: argparse.Namespace) -> None:
               "(file watching and SIGHUP still reload)", file=sys.stderr)
     if not 0 <= args.port <= 65535:
         raise MHPCError(f"--port must be in 0..65535, got {args.port}")
+    if args.replicas is not None and args.ray is None:
+        raise MHPCError("--replicas needs --ray")
     settings = ServeSettings(model=args.model, engine=args.engine, device=args.device, name=args.name, host=args.host,
                              max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
                              timeout_s=args.timeout_s, max_upload_mb=args.max_upload_mb, admin_token=token,
                              watch_s=args.watch_s).check()
-    run_server(settings, args.port, announce=lambda line: print(line, flush=True))
+    announce = lambda line: print(line, flush=True)  # noqa: E731
+    if args.ray is not None:
+        from mhpc.distributed import import_ray
+        from mhpc.serve.ray_serve import run_on_ray
+
+        import_ray()  # a missing extra is one line before any work
+        run_on_ray(settings, args.port, args.ray or None, args.replicas or 1, announce)
+    else:
+        run_server(settings, args.port, announce)
     print("mhpc serve: stopped", flush=True)
 
 
@@ -660,6 +670,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch-s", type=float, default=1.0,
                    help="check the model file for changes every this many seconds and reload (1; 0: off)")
     _add_key_file(p)
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="serve as a Ray Serve deployment (pip install 'mhpc[distributed]'): no ADDRESS starts a local "
+                        "Ray, 'auto' joins the running cluster, 'ray://HOST:PORT' a remote one")
+    p.add_argument("--replicas", type=int, help="with --ray: copies of the model behind Ray Serve's proxy (1)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("evaluate", help="fit and evaluate on an MVTec-layout category: metrics.json, scores, maps, report")

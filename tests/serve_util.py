@@ -72,18 +72,19 @@ def env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def serve_process(*args: str):
+def serve_process(*args: str, ready_s: float = 30):
     """`mhpc serve --port 0 ...` as a child process; yields (process, base URL) once it is ready."""
     import httpx
 
-    proc = subprocess.Popen([sys.executable, "-m", "mhpc", "serve", "--port", "0", *args], env=env(),
+    port = [] if "--port" in args else ["--port", "0"]
+    proc = subprocess.Popen([sys.executable, "-m", "mhpc", "serve", *port, *args], env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         match = re.search(r"at (http://127\.0\.0\.1:\d+)/", line)
         assert match, f"no start-up line: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
         url = match.group(1)
-        deadline = time.time() + 30
+        deadline = time.time() + ready_s
         while True:
             try:
                 if httpx.get(url + "/v2/health/ready").status_code == 200:

@@ -531,6 +531,8 @@ def test_cli_refuses_bad_options_in_one_line(served, tmp_path, capsys):
             f"cannot listen on 127.0.0.1:{busy.getsockname()[1]}": ["--model", model, "--port",
                                                                      str(busy.getsockname()[1])],
             "fitted on tiles": None,
+            "--replicas needs --ray": ["--model", model, "--replicas", "2"],
+            "--ray needs a fixed --port": ["--model", model, "--ray", "--port", "0"],
         }
         tiled = tmp_path / "tiled"
         assert main(["fit", "--folder", str(served["good"]), "--out", str(tiled), "--tile", "40", "--holdout", "0.34",
@@ -570,3 +572,27 @@ def test_reload_with_a_model_key_refuses_an_unsigned_file(served, tmp_path, monk
         assert r.json()["model"]["threshold"] == pytest.approx(fitted.threshold_)
         assert httpx.post(url + "/predict", files=_files(served["test"][:1])).json()["results"][0]["threshold"] == \
             pytest.approx(fitted.threshold_)
+
+
+def test_ray_serve_replicas_answer_like_the_single_process_server(served):
+    import socket
+
+    from serve_util import serve_process
+
+    app = create_app(ServeSettings(model=str(served["model"]), watch_s=0))
+    with running(app) as url:
+        expected = httpx.post(url + "/predict", files=_files(served["test"])).json()["results"]
+        batch = np.stack([_letterbox_u8(p) for p in served["test"][:2]])
+        expected_v2 = _http("POST", url + "/v2/models/model/infer", _infer_body(batch))[1]
+    with socket.socket() as s:  # Ray Serve's proxy needs a fixed port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with serve_process("--model", str(served["model"]), "--ray", "--replicas", "2", "--port", str(port),
+                       ready_s=240) as (proc, url):
+        for _ in range(3):  # a few requests, so both replicas are likely to answer; each must agree
+            got = httpx.post(url + "/predict", files=_files(served["test"]), timeout=60).json()["results"]
+            assert [g["score"] for g in got] == [e["score"] for e in expected]
+        status, answer = _http("POST", url + "/v2/models/model/infer", _infer_body(batch))
+        assert status == 200 and answer["outputs"][0]["data"] == expected_v2["outputs"][0]["data"]
+        proc.terminate()
+        assert proc.wait(120) == 0 and "mhpc serve: stopped" in proc.stdout.read()

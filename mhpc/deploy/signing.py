@@ -28,10 +28,16 @@ _CHUNK = 1 << 20
 
 
 def deploy_key() -> bytes | None:
-    """The HMAC key from ``MHPC_MODEL_KEY``, stripped of surrounding whitespace as ``--key-file`` is
-    (None when unset or blank)."""
-    key = os.fsencode(os.environ.get(KEY_ENV, "")).strip()
-    return key or None
+    """The HMAC key from ``MHPC_MODEL_KEY`` (None when unset or empty), stripped of surrounding whitespace
+    as ``--key-file`` is; only whitespace is an error. The same rule as ``mhpc.core.model_file.model_key``
+    (not imported from there: that module imports torch)."""
+    raw = os.environ.get(KEY_ENV, "")
+    if not raw:
+        return None
+    key = os.fsencode(raw).strip()
+    if not key:
+        raise MHPCError(f"{KEY_ENV} is empty")
+    return key
 
 
 def file_sha256(path: Path) -> str:

@@ -765,7 +765,7 @@ def _interrupt(signum, frame):  # SIGTERM is handled like Ctrl-C: clean up, exit
 
 
 def _read_key_file(path: str, flag: str = "--key-file") -> str:
-    from mhpc.core.model_file import normalise_key
+    from mhpc.keys import normalise_key
 
     try:
         raw = Path(path).read_bytes()
@@ -780,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)  # --help and argument errors exit here, before torch is imported
-    from mhpc.core.model_file import KEY_ENV
+    from mhpc.keys import KEY_ENV
     saved_key, saved_show = os.environ.get(KEY_ENV), warnings.showwarning
     saved_term = signal.signal(signal.SIGTERM, _interrupt)
     warnings.showwarning = _one_line_warnings(args.command)

@@ -35,6 +35,7 @@ from mhpc.core.backbones import state_fingerprint
 from mhpc.core.model_schema import check_config, check_state, check_tensors
 from mhpc.errors import MHPCError, ModelFileError, NotFittedError
 from mhpc.fit_state import FitState, has_fit_state
+from mhpc.keys import KEY_ENV, model_key, normalise_key  # noqa: F401 - re-exported for callers
 
 if TYPE_CHECKING:
     from mhpc.core.mh_patch_core import MHPatchCore
@@ -45,7 +46,6 @@ MODEL_FILENAME = "model.safetensors"
 FIT_STATE_PREFIX = "fit_state."
 
 
-KEY_ENV = "MHPC_MODEL_KEY"
 _PROCESS_START = time.time()
 
 
@@ -66,21 +66,6 @@ def resolve_save_path(path: str | os.PathLike) -> Path:
     if path.exists() and not path.is_dir():
         raise ModelFileError(f"{path} is a file; save a model to a folder or to a .safetensors file")
     return path / MODEL_FILENAME
-
-
-def normalise_key(raw: bytes, source: str) -> bytes:
-    """The key bytes without surrounding whitespace (a key file's trailing newline): one rule for
-    ``--key-file`` and ``MHPC_MODEL_KEY``, so the same key signs and verifies whichever way it is given."""
-    key = raw.strip()
-    if not key:
-        raise MHPCError(f"{source} is empty")
-    return key
-
-
-def model_key() -> bytes | None:
-    """The HMAC key from ``MHPC_MODEL_KEY`` (None when unset or empty), stripped by ``normalise_key``."""
-    key = os.environ.get(KEY_ENV, "")
-    return normalise_key(os.fsencode(key), KEY_ENV) if key else None
 
 
 def _remove_stale_temp_files(folder: Path) -> None:

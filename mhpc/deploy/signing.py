@@ -19,25 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from mhpc.errors import MHPCError
+from mhpc.keys import KEY_ENV, model_key
 
-KEY_ENV = "MHPC_MODEL_KEY"  # the variable model files use too (mhpc.core.model_file, which imports torch)
 SIGNATURE_FIELDS = ("sha256", "hmac_sha256")
 OUTPUTS = (["scores", "maps"], ["scores", "maps", "is_anomaly"])
 FORMAT_KINDS = ("onnx", "openvino")
 _CHUNK = 1 << 20
-
-
-def deploy_key() -> bytes | None:
-    """The HMAC key from ``MHPC_MODEL_KEY`` (None when unset or empty), stripped of surrounding whitespace
-    as ``--key-file`` is; only whitespace is an error. The same rule as ``mhpc.core.model_file.model_key``
-    (not imported from there: that module imports torch)."""
-    raw = os.environ.get(KEY_ENV, "")
-    if not raw:
-        return None
-    key = os.fsencode(raw).strip()
-    if not key:
-        raise MHPCError(f"{KEY_ENV} is empty")
-    return key
 
 
 def file_sha256(path: Path) -> str:
@@ -65,8 +52,8 @@ def _canonical(info: dict[str, Any]) -> bytes:
 
 
 def sign_sidecar(info: dict[str, Any], key: bytes | None = None) -> dict[str, Any]:
-    """``info`` with its ``sha256`` (and ``hmac_sha256`` with a key; default: ``deploy_key()``)."""
-    key = deploy_key() if key is None else key
+    """``info`` with its ``sha256`` (and ``hmac_sha256`` with a key; default: ``model_key()``)."""
+    key = model_key() if key is None else key
     body = _canonical(info)
     signed = {k: v for k, v in info.items() if k not in SIGNATURE_FIELDS}
     signed["sha256"] = hashlib.sha256(body).hexdigest()
@@ -83,7 +70,7 @@ def verify_sidecar(info: dict[str, Any], sidecar: Path, graph: Path) -> None:
         raise MHPCError(f"{sidecar} is not a valid mhpc-deploy description: {exc}") from None
     if not (isinstance(info.get("sha256"), str) and hmac.compare_digest(info["sha256"], hashlib.sha256(body).hexdigest())):
         raise MHPCError(f"{sidecar} failed its integrity check: it was modified after `mhpc export` wrote it")
-    key = deploy_key()
+    key = model_key()
     claimed = info.get("hmac_sha256")
     if key and not (isinstance(claimed, str)
                     and hmac.compare_digest(claimed, hmac.new(key, body, hashlib.sha256).hexdigest())):

@@ -34,7 +34,8 @@ import mhpc
 from mhpc.core.backbones import state_fingerprint
 from mhpc.core.model_schema import check_config, check_state, check_tensors
 from mhpc.errors import MHPCError, ModelFileError, NotFittedError
-from mhpc.fit_state import FitState, has_fit_state
+from mhpc.fit.driver import finish_projection
+from mhpc.fit.state import FitState, has_fit_state
 
 if TYPE_CHECKING:
     from mhpc.core.mh_patch_core import MHPatchCore
@@ -114,7 +115,7 @@ def set_stage_tensors(model: "MHPatchCore", tensors: dict[str, torch.Tensor]) ->
         model.reduction_.set_state(tensors["pca_mean"], tensors["pca_components"])
     if "whiten_cholesky" in tensors:
         model.space_.set_state(tensors["whiten_mean"], tensors["whiten_cholesky"])
-    model._finish_projection()
+    finish_projection(model)
     return model
 
 

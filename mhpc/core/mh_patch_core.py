@@ -235,7 +235,7 @@ class MHPatchCore:
             )
         if self.aggregation_ is PatchCoreAggregation.KMEANS:
             return KMeansBank(self.kmeans_clusters, chunk_size or int(self.kmeans_batch_size), self.seed,
-                              expected_patches, alone)
+                              expected_patches, alone, progress=self.progress)
         return KeepAll()
 
     # ------------------------------------------------------------------ data
@@ -399,11 +399,15 @@ class MHPatchCore:
             raise MHPCError(f"calibration needs finite scores of at least one image, got {scores.size} score(s)")
         if scores.size < 10:
             warn(f"the threshold comes from only {scores.size} held-out image(s); with fewer than 10 it is one "
-                 "image's score or close to it, so good images will be flagged. Hold out more good images.")
+                 "image's score or close to it, so good images will be flagged. Hold out more good images "
+                 "(mhpc fit/update --holdout F; at least 10 are held out once the set has 30).")
         self.threshold_ = float(np.quantile(scores, quantile))
+        # The held-out images' own false-positive rate: below quantile 1 at least the highest one is flagged.
+        flagged = int((scores >= self.threshold_).sum())
         self.threshold_stats_ = {
             "quantile": quantile, "count": int(scores.size), "mean": float(scores.mean()),
             "std": float(scores.std()), "max": float(scores.max()), "threshold": self.threshold_,
+            "holdout_flagged": flagged, "holdout_fpr": flagged / scores.size,
         }
         return self
 

@@ -69,10 +69,19 @@ def resolve_save_path(path: str | os.PathLike) -> Path:
     return path / MODEL_FILENAME
 
 
+def normalise_key(raw: bytes, source: str) -> bytes:
+    """The key bytes without surrounding whitespace (a key file's trailing newline): one rule for
+    ``--key-file`` and ``MHPC_MODEL_KEY``, so the same key signs and verifies whichever way it is given."""
+    key = raw.strip()
+    if not key:
+        raise MHPCError(f"{source} is empty")
+    return key
+
+
 def model_key() -> bytes | None:
-    """The HMAC key from ``MHPC_MODEL_KEY`` (None when unset or empty)."""
+    """The HMAC key from ``MHPC_MODEL_KEY`` (None when unset or empty), stripped by ``normalise_key``."""
     key = os.environ.get(KEY_ENV, "")
-    return os.fsencode(key) if key else None
+    return normalise_key(os.fsencode(key), KEY_ENV) if key else None
 
 
 def _remove_stale_temp_files(folder: Path) -> None:
@@ -147,6 +156,9 @@ def save_model(model: "MHPatchCore", path: str | os.PathLike, keep_fit_state: bo
         "state": json.dumps(state, sort_keys=True),
     }
     key = model_key()
+    if key is None and getattr(model, "signed_", False):
+        raise ModelFileError(f"cannot save to {target}: the model comes from a signed file, and without its key "
+                             f"({KEY_ENV} / --key-file) it would be saved unsigned")
     signed = {**meta, "sha256": _digest(tensors, meta)}
     if key:
         signed["hmac_sha256"] = _digest(tensors, meta, key)
@@ -163,6 +175,7 @@ def save_model(model: "MHPatchCore", path: str | os.PathLike, keep_fit_state: bo
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a model file follows the umask
         os.replace(tmp, target)
+        model.signed_ = key is not None
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, Exception) and not isinstance(exc, MHPCError):
@@ -229,6 +242,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     model.grid_shape_ = tuple(state["grid_shape"])
     model.n_train_images_ = state["n_train_images"]
     model.preprocessing_ = state.get("preprocessing")
+    model.signed_ = claimed_hmac is not None  # kept on save: a signed model is saved only with its key
     if state.get("threshold") is not None:
         model.threshold_ = state["threshold"]
         model.threshold_stats_ = state["threshold_stats"]

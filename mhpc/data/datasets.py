@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mhpc.data.io import bits_for, inspect_image, is_sixteen_bit, list_images, load_mask, load_rgb, png_sbit
+from mhpc.data.io import (bits_for, inspect_image, is_sixteen_bit, list_images, load_mask, load_rgb, png_sbit,
+                          walk_images)
 from mhpc.data.transforms import build_transforms, make_preprocessing
 from mhpc.errors import MHPCError
+from mhpc.outputs import MARKER
 
 
 @dataclass(frozen=True)
@@ -164,14 +166,15 @@ class FolderDataset(SampleDataset):
 
 
 class ImageFilesDataset(SampleDataset):
-    """Arbitrary image files for ``mhpc predict`` (no labels)."""
+    """Arbitrary image files for ``mhpc predict`` (no labels); a folder is walked with its subfolders
+    (an earlier mhpc output folder inside it is skipped)."""
 
     def __init__(self, paths: list[str | Path], input_size=224, crop: str = "none", preprocessing: dict | None = None):
         samples = []
         for p in paths:
             p = Path(p)
             if p.is_dir():
-                samples.extend(Sample(f, None, False, "") for f in list_images(p))
+                samples.extend(Sample(f, None, False, "") for f in walk_images(p, MARKER))
             elif p.is_file():
                 samples.append(Sample(p, None, False, ""))
             else:

@@ -9,6 +9,7 @@ from the header, before any decoding.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,19 @@ FLOAT_TOLERANCE = 1e-3  # float pixels this far outside [0, 1] are still taken a
 
 def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def walk_images(folder: Path, skip_marker: str | None = None) -> list[Path]:
+    """Images in ``folder`` and all its subfolders (``test/good``, ``test/defect``), sorted by path.
+    Hidden files and folders are skipped, and so are folders holding ``skip_marker`` (an earlier mhpc
+    output, whose overlays are images too)."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and not (skip_marker and os.path.isfile(os.path.join(root, d, skip_marker))))
+        found += [Path(root) / f for f in files
+                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found, key=lambda p: p.parts)
 
 
 def _lazy_open(path: Path) -> Image.Image:

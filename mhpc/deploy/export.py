@@ -11,8 +11,11 @@ Files over 2 GB (protobuf's limit) are written with ONNX external data: ``FILE``
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,19 +87,24 @@ def export_model(
         head = choose_head(model)
     if head not in HEADS:
         raise MHPCError(f"head must be 'auto', 'gather' or 'conv', got {head!r}")
-    max_bytes = int(max_intermediate_bytes or DEFAULT_MAX_INTERMEDIATE_BYTES)
-    ref_batch = int(reference_batch or DEFAULT_REFERENCE_BATCH)
+    max_bytes = _positive_int(max_intermediate_bytes, DEFAULT_MAX_INTERMEDIATE_BYTES, "max_intermediate_bytes")
+    ref_batch = _positive_int(reference_batch, DEFAULT_REFERENCE_BATCH, "reference_batch")
     onnx = _require("onnx")
     if fmt == "openvino":
         _require("openvino")
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_export_target(target, fmt)  # before the export: nothing is written over a file export did not write
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MHPCError(f"cannot create the folder {target.parent}: {exc.strerror or exc}") from None
+    _remove_stale_temp_folders(target.parent)
 
     graph = DeployGraph(model, head=head, max_intermediate_bytes=max_bytes, reference_batch=ref_batch).eval().cpu()
     h, w = graph.input_shape
     example = torch.zeros(1, h, w, 3, dtype=torch.uint8)
     outputs = ["scores", "maps"] + (["is_anomaly"] if graph.has_threshold else [])
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".mhpc-export-") as tmp:
+    with _temp_folder(target.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
         with torch.no_grad(), _quiet_export():
             torch.onnx.export(
@@ -132,6 +140,100 @@ def export_model(
     }
     write_sidecar(target, info)
     return target
+
+
+def _positive_int(value: Any, default: int, name: str) -> int:
+    if value is None:
+        return int(default)
+    try:
+        ok = float(value) >= 1 and np.isfinite(float(value))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise MHPCError(f"{name} must be a positive number (None for the default {default}), got {value!r}")
+    return int(value)
+
+
+def export_files(target: Path, fmt: str) -> list[Path]:
+    """Every file an export to ``target`` writes: the graph (.onnx, or .xml and .bin), ONNX external data, and
+    the JSON description."""
+    from mhpc.deploy.contract import sidecar_path
+
+    if fmt == "openvino":
+        target = target if target.suffix == ".xml" else target.with_suffix(".xml")
+        return [target, target.with_suffix(".bin"), sidecar_path(target)]
+    return [target, target.with_name(target.name + ".data"), sidecar_path(target)]
+
+
+def check_export_target(target: Path, fmt: str) -> None:
+    """``--out`` is a file name; an existing file among those the export writes is replaced only when an
+    earlier export wrote it (its JSON description names the graph), so a model or any other file is never
+    overwritten. Raises one MHPCError before any work."""
+    from mhpc.deploy.contract import SIDECAR_FORMAT, sidecar_path
+
+    files = export_files(target, fmt)
+    if target.is_dir():
+        example = target / ("model.xml" if fmt == "openvino" else "model.onnx")
+        raise MHPCError(f"{target} is a folder; export writes a file (e.g. {example})")
+    for parent in target.parents:
+        if parent.exists() and not parent.is_dir():
+            raise MHPCError(f"{target} cannot be created: {parent} is a file")
+    existing = [f for f in files if os.path.lexists(f)]
+    if not existing:
+        return
+    try:
+        info = json.loads(sidecar_path(files[0]).read_text(encoding="utf-8"))
+        ours = (isinstance(info, dict) and info.get("format") == SIDECAR_FORMAT
+                and info.get("engine_file") == files[0].name)
+    except (OSError, ValueError):
+        ours = False
+    for f in existing:
+        if not ours or not f.is_file() or f.is_symlink():
+            raise MHPCError(f"{f} exists and was not written by mhpc export; export to another file name")
+
+
+TEMP_PREFIX = ".mhpc-export-"
+TEMP_OWNER = ".mhpc-export-owner"  # inside each temporary folder: locked by the export that made it
+
+
+@contextmanager
+def _temp_folder(parent: Path):
+    """A temporary folder for the export's intermediate files, removed at the end. It holds a file locked
+    (flock) for as long as the export runs, so a later export can tell a killed export's folder (unlocked)
+    from a running one's (locked) and remove only the former (``_remove_stale_temp_folders``)."""
+    import fcntl
+
+    with tempfile.TemporaryDirectory(dir=parent, prefix=TEMP_PREFIX) as tmp:
+        fd = os.open(Path(tmp) / TEMP_OWNER, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield tmp
+        finally:
+            os.close(fd)
+
+
+def _remove_stale_temp_folders(parent: Path) -> None:
+    """Removes ``.mhpc-export-*`` folders left by a killed export: only folders with mhpc's owner file in
+    them, and only when no running export holds it."""
+    import fcntl
+
+    for folder in parent.glob(TEMP_PREFIX + "*"):
+        owner = folder / TEMP_OWNER
+        if folder.is_symlink() or not folder.is_dir() or not owner.is_file():
+            continue
+        try:
+            fd = os.open(owner, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a running export's folder
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _save_onnx(onnx, proto, file: Path, external: bool) -> None:

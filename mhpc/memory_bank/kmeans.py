@@ -8,6 +8,7 @@ import numbers
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
+from tqdm.auto import tqdm
 
 from mhpc.errors import MHPCError
 from mhpc.fit.state import BankState
@@ -71,12 +72,14 @@ class KMeansBank(MemoryBankStrategy):
         seed: int = 0,
         expected_patches: int | None = None,
         alone: bool = True,
+        progress: bool = False,
     ) -> None:
         self.clusters = clusters
         self.chunk_size = chunk_size
         self.seed = seed
         self.expected_patches = expected_patches
         self.alone = alone
+        self.progress = progress
         check_cluster_count(clusters)
 
     def _chunk_clusters(self, n: int) -> int:
@@ -94,8 +97,10 @@ class KMeansBank(MemoryBankStrategy):
         # float64 on purpose: for float32 input sklearn's distances take a chunked upcast path that
         # measured ~5x slower than plain float64 input; a chunk is a few thousand rows.
         data = rows.numpy()
-        km = KMeans(n_clusters=k, n_init=1, max_iter=300 if final else KMEANS_CHUNK_ITERATIONS,
-                    random_state=self.seed + len(self._rows)).fit(data)
+        with tqdm(total=1, desc=f"k-means: {data.shape[0]} patches into {k} centres", leave=False,
+                  disable=not (self.progress and final)):  # the long one; a chunk is short
+            km = KMeans(n_clusters=k, n_init=1, max_iter=300 if final else KMEANS_CHUNK_ITERATIONS,
+                        random_state=self.seed + len(self._rows)).fit(data)
         self._rows.append(torch.from_numpy(km.cluster_centers_.astype(np.float32)))
         self._counts.append(torch.from_numpy(np.bincount(km.labels_, minlength=k).astype(np.float64)))
 
@@ -138,7 +143,10 @@ class KMeansBank(MemoryBankStrategy):
 
     def finalize(self, state: BankState, n_patches: int) -> BankState:
         """The union of all chunks' centroids reduced to the cluster count of ``n_patches``."""
-        return reduce_centroids(state, resolve_cluster_count(self.clusters, max(1, int(n_patches))), self.seed)
+        k = resolve_cluster_count(self.clusters, max(1, int(n_patches)))
+        with tqdm(total=1, desc=f"k-means: {state.rows.shape[0]} centroids reduced to {k}", leave=False,
+                  disable=not self.progress or state.rows.shape[0] <= k):
+            return reduce_centroids(state, k, self.seed)
 
 
 def reduce_centroids(state: BankState, clusters: int, seed: int = 0) -> BankState:

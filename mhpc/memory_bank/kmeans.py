@@ -7,7 +7,8 @@ import numbers
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
+from sklearn.cluster import KMeans, kmeans_plusplus
+from sklearn.metrics import pairwise_distances_argmin
 from tqdm.auto import tqdm
 
 from mhpc.errors import MHPCError
@@ -42,25 +43,24 @@ def resolve_cluster_count(clusters: int | float, num_patches: int) -> int:
 
 
 KMEANS_OVERSAMPLE = 4  # a chunk keeps this many times its share of the bank's centroids (the Ray rule's cap)
-KMEANS_CHUNK_ITERATIONS = 10  # Lloyd iterations per chunk: the weighted reduce polishes the union afterwards
 
 
 class KMeansBank(MemoryBankStrategy):
     """k-means centroids as the memory bank, by merge and reduce, the same on every path.
 
     The projected patches are cut into chunks of ``chunk_size`` rows (``kmeans_batch_size``; VANILLA's
-    in-memory shard and a shard smaller than a chunk are one chunk). A chunk of n rows is over-clustered
-    by sklearn ``KMeans`` into ceil(4 f n) centroids, f being the bank's fraction of the patches (the
-    ``kmeans_clusters`` fraction, or an int count k over the expected patch count, and then at least k),
-    each centroid weighted by its patches. ``finalize`` reduces the union of all chunks and shards by a weighted k-means to the
-    cluster count of the total patch count. The only chunk of a fit that never held more is clustered
-    straight to that count (``alone=False`` for a shard of several). So an in-process fit, a Ray fit and ``update`` cluster alike, and a
-    fractional count grows with the data.
+    in-memory shard and a fit smaller than a chunk are one chunk). A chunk of n rows is over-sampled
+    into ceil(4 f n) centroids, f being the bank's fraction of the patches (the ``kmeans_clusters``
+    fraction, or an int count k over the expected patch count, and then at least k): k-means++ seeds
+    weighted by their patches (k-means||). ``finalize`` reduces the union of all chunks and shards by
+    a weighted k-means (sklearn ``KMeans``, counts as sample weights) to the cluster count of the total
+    patch count. The only chunk of a fit that never held more is clustered straight to that count
+    (``alone=False`` for a shard of several). So an in-process fit, a Ray fit and ``update`` cluster
+    alike, and a fractional count grows with the data.
 
-    Why chunks of ``kmeans_batch_size``: a chunk's k-means costs O(chunk x its centroids), so the whole
-    pass costs O(N x 4 f chunk), linear in the patch count N, where a streamed ``MiniBatchKMeans`` with
-    f N centroids costs O(f N^2); the default 4096 keeps a chunk's centroids well above one per patch
-    grid row while staying cheaper than the streamed fit from a few dozen images on.
+    Why chunks of ``kmeans_batch_size``: a chunk's seeding costs O(chunk x its centroids), so the whole
+    pass costs O(N x 4 f chunk), linear in the patch count N, where a streamed ``MiniBatchKMeans``
+    with f N centroids costs O(f N^2).
     """
 
     kind = "KMEANS"
@@ -92,17 +92,25 @@ class KMeansBank(MemoryBankStrategy):
         return max(1, min(n, max(int(self.clusters), math.ceil(KMEANS_OVERSAMPLE * share))))
 
     def _cluster(self, rows: torch.Tensor, k: int, final: bool = False) -> None:
-        """Clusters one chunk and keeps its centroids with their patch counts; the ``final`` chunk (the
-        fit's only one) is the bank itself, so its Lloyd iterations run to convergence."""
+        """Summarises one chunk by ``k`` weighted centroids. A chunk of several: k-means++ seeds (D^2
+        sampling, one trial per seed) weighted by the patches nearest to each, the over-sampling step of
+        k-means|| (Bahmani et al. 2012), two passes over the chunk; the weighted k-means of the union
+        does the Lloyd iterations. The ``final`` chunk (the fit's only one) is the bank itself: a full
+        ``KMeans``, run to convergence."""
         # float64 on purpose: for float32 input sklearn's distances take a chunked upcast path that
         # measured ~5x slower than plain float64 input; a chunk is a few thousand rows.
         data = rows.numpy()
-        with tqdm(total=1, desc=f"k-means: {data.shape[0]} patches into {k} centres", leave=False,
-                  disable=not (self.progress and final)):  # the long one; a chunk is short
-            km = KMeans(n_clusters=k, n_init=1, max_iter=300 if final else KMEANS_CHUNK_ITERATIONS,
-                        random_state=self.seed + len(self._rows)).fit(data)
-        self._rows.append(torch.from_numpy(km.cluster_centers_.astype(np.float32)))
-        self._counts.append(torch.from_numpy(np.bincount(km.labels_, minlength=k).astype(np.float64)))
+        seed = self.seed + len(self._rows)
+        if final:
+            with tqdm(total=1, desc=f"k-means: {data.shape[0]} patches into {k} centres", leave=False,
+                      disable=not self.progress):
+                km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(data)
+            centres, labels = km.cluster_centers_, km.labels_
+        else:
+            centres, _ = kmeans_plusplus(data, k, random_state=seed, n_local_trials=1)
+            labels = pairwise_distances_argmin(data, centres)
+        self._rows.append(torch.from_numpy(centres.astype(np.float32)))
+        self._counts.append(torch.from_numpy(np.bincount(labels, minlength=k).astype(np.float64)))
 
     def _start(self) -> None:
         if not hasattr(self, "_buffer"):
@@ -154,7 +162,7 @@ def reduce_centroids(state: BankState, clusters: int, seed: int = 0) -> BankStat
     ``clusters`` centres; the new counts are the summed weights of each centre's members."""
     if state.rows.shape[0] <= clusters:
         return state
-    data = state.rows.detach().cpu().float().numpy()
+    data = state.rows.detach().cpu().double().numpy()  # float64: sklearn's fast path (see KMeansBank._cluster)
     weights = state.counts.numpy()
     km = KMeans(n_clusters=clusters, n_init=1, random_state=seed).fit(data, sample_weight=weights)
     counts = np.bincount(km.labels_, weights=weights, minlength=clusters)

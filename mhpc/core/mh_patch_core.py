@@ -97,7 +97,8 @@ class MHPatchCore:
       reweight_num_support: b of the paper's Eq. 7 image-score reweighting; 0 turns it off (0).
       covariance_shrinkage: Ledoit-Wolf style shrinkage of Sigma towards (tr/d) I (0.01).
       covariance_jitter: relative diagonal jitter before Cholesky, escalated on failure (0.0).
-      pca_batch_size, kmeans_batch_size, coreset_chunk_size: streaming batch sizes in patches.
+      pca_batch_size, kmeans_batch_size, coreset_chunk_size: streaming batch and chunk sizes in patches
+        (kmeans_batch_size: the k-means chunk, see mhpc/memory_bank/kmeans.py).
       pretrained / weights_path: ImageNet weights via torchvision, a local file, or random init.
       blur_sigma: Gaussian sigma of the anomaly map (4, as the paper).
       patch_embedding: "pooled" (the paper's pooled 1024-d) or "unpooled" (anomalib's 3x3 average, all channels).

@@ -53,8 +53,9 @@ class BankState:
     """The memory bank as accumulated so far, in the projected (final) space.
 
     rows: float32 [n, d]: greedy-reduced chunks, k-means centroids, or kept patches.
-    counts: float64 [n], k-means only: patches assigned to each centroid (MiniBatchKMeans weight sums).
-    n_steps: k-means mini-batch steps so far (continues sklearn's reassignment schedule).
+    counts: float64 [n], k-means only: the patches each centroid stands for (its weight in the reduce).
+    n_steps: the MiniBatchKMeans steps of model files written before the one k-means (kept so that they
+      load and save unchanged; the chunked k-means leaves it 0).
     """
 
     kind: str

@@ -11,7 +11,8 @@ After the checksum the schema is checked (``mhpc.core.model_schema``). The file 
 temporary name, fsynced and renamed (atomic on POSIX), with the umask's permissions; temporary files
 left by a killed earlier save are removed.
 Optional tensors named ``fit_state.*`` hold the mergeable fit state that ``update`` needs
-(mhpc/fit_state.py; the bank rows are not repeated, they are ``memory_bank``); files without them
+(mhpc/fit/state.py; the bank rows are not repeated, they are ``memory_bank``, except a k-means state's
+merged centroids, ``fit_state.bank.rows``); files without them
 load as before and only refuse ``update``.
 """
 
@@ -139,7 +140,9 @@ def save_model(model: "MHPatchCore", path: str | os.PathLike, keep_fit_state: bo
     _remove_stale_temp_files(target.parent)
     tensors = {"memory_bank": model.memory_bank_.detach().cpu().float().contiguous(), **stage_tensors(model)}
     if keep_fit_state and getattr(model, "fit_state_", None) is not None:
-        tensors.update(model.fit_state_.to_tensors(FIT_STATE_PREFIX, rows=False))
+        # The bank rows are written once: only a k-means state's merged centroids differ from the bank.
+        state = model.fit_state_
+        tensors.update(state.to_tensors(FIT_STATE_PREFIX, rows=state.bank.rows is not model.memory_bank_))
     state = {
         "grid_shape": list(model.grid_shape_),
         "n_train_images": model.n_train_images_,
@@ -236,7 +239,9 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     model.memory_bank_ = tensors["memory_bank"]
     if has_fit_state(tensors, FIT_STATE_PREFIX):
         try:
-            model.fit_state_ = FitState.from_tensors(tensors, FIT_STATE_PREFIX, rows=model.memory_bank_)
+            own_rows = f"{FIT_STATE_PREFIX}bank.rows" in tensors
+            model.fit_state_ = FitState.from_tensors(tensors, FIT_STATE_PREFIX,
+                                                     rows=None if own_rows else model.memory_bank_)
         except MHPCError as exc:
             raise ModelFileError(f"{file} has an unreadable fit state: {exc}") from None
     model.grid_shape_ = tuple(state["grid_shape"])

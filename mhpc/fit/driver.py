@@ -167,14 +167,22 @@ def finish_projection(model: "MHPatchCore") -> None:
 
 def finalize_bank(model: "MHPatchCore", bank: BankState, n_patches: int | None = None) -> None:
     """The merged bank state reduced by the strategy's ``finalize`` (``n_patches``: all the fit's patches;
-    None: a KMEANS bank's counts, and no further reduction for the others), then the bank and the scorer."""
+    None: a KMEANS bank's counts, and no further reduction for the others), then the bank and the scorer.
+    ``bank`` becomes the state that ``fit_state_`` keeps: the bank itself, except for KMEANS, whose state
+    keeps the merged centroids (``carry``), so that ``update`` reduces them with the new chunks as a refit
+    would."""
     if n_patches is None and bank.counts is not None:
         n_patches = int(round(float(bank.counts.sum())))
+    carried = bank
     if n_patches is not None:
+        strategy = model._make_aggregator()
         with stage_timer(passes.BANK_STAGE[bank.kind]):
-            reduced = model._make_aggregator().finalize(bank, n_patches)
+            reduced = strategy.finalize(bank, n_patches)
+            carried = strategy.carry(bank, reduced, n_patches)
         bank.rows, bank.counts = reduced.rows, reduced.counts
     model.memory_bank_ = bank.rows.detach().cpu().float().contiguous()
     bank.rows = model.memory_bank_
+    if carried is not bank:  # KMEANS: the merged centroids, which update continues from
+        bank.rows, bank.counts = carried.rows.detach().cpu().float().contiguous(), carried.counts
     model.scorer_.fit(model.memory_bank_)
     model.is_fitted_ = True

@@ -27,3 +27,8 @@ class MemoryBankStrategy:
     def finalize(self, state: BankState, n_patches: int) -> BankState:
         """The merged state of all shards (``n_patches`` patches in all) reduced to the bank."""
         return state
+
+    def carry(self, state: BankState, bank: BankState, n_patches: int) -> BankState:
+        """What the fit state keeps for ``update``: the bank itself, unless the strategy's merged state
+        says more than its bank (k-means)."""
+        return bank

@@ -152,6 +152,13 @@ class KMeansBank(MemoryBankStrategy):
         del self._buffer, self._rows, self._counts
         return state
 
+    def carry(self, state: BankState, bank: BankState, n_patches: int) -> BankState:
+        """The merged centroids, at most 4 k of them (a weighted k-means bounds a larger union), so that
+        ``update`` reduces them with its new chunks as a refit would, rather than the k centres alone."""
+        k = resolve_cluster_count(self.clusters, max(1, int(n_patches)))
+        return state if state.rows.shape[0] <= KMEANS_OVERSAMPLE * k else reduce_centroids(
+            state, KMEANS_OVERSAMPLE * k, self.seed)
+
     def finalize(self, state: BankState, n_patches: int) -> BankState:
         """The union of all chunks' centroids reduced to the cluster count of ``n_patches``."""
         k = resolve_cluster_count(self.clusters, max(1, int(n_patches)))

@@ -217,3 +217,24 @@ def test_unreadable_image_in_a_shard_is_one_line_error(ray_local, data, tmp_path
     with pytest.raises(MHPCError, match=r"^cannot read image .*broken\.png") as exc:
         _model(aggregation="GREEDY", **DEMO).fit_distributed([*train[:3], str(bad)], num_shards=2, batch_size=BATCH)
     assert "\n" not in str(exc.value)
+
+
+def test_two_shard_kmeans_auroc_within_001_of_the_single_process_fit(ray_local, tmp_path):
+    """The one k-means on demo-like data (the brick texture, MobileNetV2 at 64 px, 40 good and 32 defective
+    test images): a 2-shard Ray fit and the single-process ONLINE fit, image AUROC as the mean of three
+    k-means seeds (one local optimum moves it by about 0.01)."""
+    generate_benchmark(tmp_path, ("brick",), n_train=12, n_test_good=40, n_test_per_defect=8, seed=0)
+    pre = make_preprocessing((64, 64), "center")
+    paths = sorted(str(p) for p in (tmp_path / "brick" / "train" / "good").iterdir())
+    loader = make_loader(MVTecDataset(tmp_path, "brick", "test", preprocessing=pre), 16)
+    labels = [int(v) for batch in loader for v in batch["is_anomaly"]]
+    cfg = dict(algorithm="ONLINE", feature_reduction="PCA", distance="MAHALANOBIS", aggregation="KMEANS",
+               backbone="mobilenet_v2", embedding_layers=None, pretrained=True, input_shape=(64, 64),
+               kmeans_clusters=100, kmeans_batch_size=4096)
+
+    def mean_auroc(fit):
+        return float(np.mean([image_auroc(labels, fit(tiny_model(**cfg, seed=s)).predict(loader)[0]) for s in range(3)]))
+
+    single = mean_auroc(lambda m: m.fit(image_batches(paths, pre, 4)))
+    ray2 = mean_auroc(lambda m: m.fit_distributed(paths, num_shards=2, batch_size=4, preprocessing=pre))
+    assert single > 0.9 and abs(single - ray2) <= 0.01, (single, ray2)

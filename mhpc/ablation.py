@@ -163,17 +163,93 @@ def _copy_run(source: Path, run_dir: Path, spec: dict[str, Any]) -> dict[str, An
     return metrics | {"warnings": []}
 
 
-def _cached(run_dir: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
-    """The metrics of an earlier run with exactly this specification (its name aside), if complete."""
+INPUTS_FILE = "inputs.json"  # a finished run's input fingerprint (``--resume`` compares it)
+UNIT_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "f1_max")  # each in [0, 1]
+COUNT_METRICS = ("memory_bank_size", "memory_bank_dim")  # positive integers
+
+
+class ResumeError(MHPCError):
+    """A finished run that ``--resume`` cannot reuse and must not silently replace (bad metrics.json)."""
+
+
+def input_fingerprint(cfg: dict[str, Any], data_root: str | Path, category: str) -> list[list]:
+    """[relative path, size, mtime_ns] of every file a run may read: everything under the category's
+    folder (images, masks) and the backbone weights file when the config names one. Replacing an image
+    at the same path changes its size or modification time."""
+    root = Path(data_root)
+    files = [f for f in (root / category).rglob("*") if f.is_file()]
+    if cfg.get("weights_path") and Path(cfg["weights_path"]).is_file():
+        files.append(Path(cfg["weights_path"]))
+    rows = []
+    for f in sorted(set(files)):
+        st = f.stat()
+        rel = f.relative_to(root).as_posix() if f.is_relative_to(root) else str(f)
+        rows.append([rel, st.st_size, st.st_mtime_ns])
+    return rows
+
+
+def _fingerprint_change(old: Any, new: list[list]) -> str | None:
+    """Why ``old`` (a stored fingerprint) differs from ``new``, in a few words; None when equal."""
+    if not isinstance(old, list):
+        return f"it has no readable {INPUTS_FILE} (it ran before inputs were fingerprinted)"
+    before = {r[0]: r[1:] for r in old if isinstance(r, list) and len(r) == 3}
+    after = {r[0]: r[1:] for r in new}
+    for path in sorted(before.keys() | after.keys()):
+        if path not in after:
+            return f"{path} was removed"
+        if path not in before:
+            return f"{path} was added"
+        if list(before[path]) != list(after[path]):
+            return f"{path} changed (size or modification time)"
+    return None
+
+
+def check_metrics(metrics: Any, file: Path) -> dict[str, Any]:
+    """A finished run's metrics as read back from disk: every table column a finite number in range,
+    or a one-line error naming the file."""
+    import math
+
+    if not isinstance(metrics, dict):
+        raise ResumeError(f"{file} is not a JSON object of metrics; delete its run folder to rerun it")
+    for key in COLUMNS[2:]:
+        value = metrics.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if key in UNIT_METRICS:
+            ok, want = ok and 0.0 <= value <= 1.0, "a number in [0, 1]"
+        elif key in COUNT_METRICS:
+            ok, want = ok and float(value).is_integer() and value >= 1, "a positive integer"
+        else:
+            ok, want = ok and value >= 0, "a finite number >= 0"
+        if not ok:
+            raise ResumeError(f"{file}: {key} is {value!r}, not {want}; delete its run folder to rerun it")
+    return metrics
+
+
+def _cached(run_dir: Path, spec: dict[str, Any], fingerprint: list[list]) -> tuple[dict[str, Any] | None, str | None]:
+    """(metrics, None) of an earlier run with exactly this specification (its name aside) and these inputs;
+    (None, why) when it must be rerun; (None, None) when there is no finished run to reuse."""
     try:
         old = json.loads((run_dir / "run.json").read_text())
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        text = (run_dir / "metrics.json").read_text()
     except (OSError, json.JSONDecodeError):
-        return None
+        return None, None
     old.setdefault("crop", "center")  # runs from before crop was a study setting were centre-cropped
-    if not isinstance(old.get("cfg"), dict):
-        return None
-    return metrics if _spec_key({k: old.get(k) for k in spec}) == _spec_key(spec) else None
+    if not isinstance(old, dict) or not isinstance(old.get("cfg"), dict):
+        return None, None
+    if _spec_key({k: old.get(k) for k in spec}) != _spec_key(spec):
+        return None, None
+    try:
+        metrics = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ResumeError(f"{run_dir / 'metrics.json'} is not valid JSON ({exc}); delete its run folder to rerun "
+                          "it") from None
+    check_metrics(metrics, run_dir / "metrics.json")
+    try:
+        stored = json.loads((run_dir / INPUTS_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        stored = None
+    why = _fingerprint_change(stored, fingerprint)
+    return (None, why) if why else (metrics, None)
 
 
 def run_ablation(data_root: str | Path, categories: list[str] | None, configs: str | Path | list[dict],
@@ -218,17 +294,29 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
             described.setdefault(name, f"{describe_config(cfg, name)}; {'whole image' if run_crop == 'none' else 'centre crop'}")
             runs += [(seed, root, cfg, name, category, run_crop) for category in cats]
     out = Path(out_dir)
+    # Every earlier run is judged before any new one starts: a bad metrics.json stops the study at once,
+    # and a run whose inputs changed since it ran (same path, new file) is rerun, saying why.
+    plan, fingerprints = [], {}
+    for seed, root, cfg, name, category, run_crop in runs:
+        rel = f"{name}/seed{seed}/{category}" if seed is not None else f"{name}/{category}"
+        spec = {"cfg": cfg, "data_root": root, "category": category, "crop": run_crop}
+        fp_key = (root, category, cfg.get("weights_path"))
+        if fp_key not in fingerprints:
+            fingerprints[fp_key] = input_fingerprint(cfg, root, category)
+        cached, why = _cached(out / rel, spec, fingerprints[fp_key]) if resume else (None, None)
+        plan.append((seed, name, rel, spec, fingerprints[fp_key], cached, why))
     out.mkdir(parents=True, exist_ok=True)
     rows, links, done = [], {}, {}
     # One overall bar (runs done of all, with ETA); the runs themselves draw none.
-    bar = tqdm(runs, desc="ablation runs", unit="run", disable=not progress)
-    for seed, root, cfg, name, category, run_crop in bar:
-        rel = f"{name}/seed{seed}/{category}" if seed is not None else f"{name}/{category}"
+    bar = tqdm(plan, desc="ablation runs", unit="run", disable=not progress)
+    for seed, name, rel, spec, fingerprint, metrics, why in bar:
+        cfg, root, category, run_crop = spec["cfg"], spec["data_root"], spec["category"], spec["crop"]
         bar.set_postfix_str(rel)
         run_dir = out / rel
-        spec = {"cfg": cfg, "data_root": root, "category": category, "crop": run_crop}
         key = _spec_key(spec)
-        metrics = _cached(run_dir, spec) if resume else None
+        if why:
+            tqdm.write(f"warning ({rel}): rerunning it: {why}", file=sys.stderr)
+            shutil.rmtree(run_dir)  # an mhpc run folder (--resume keeps only those): no stale maps stay
         twin = done.get(key)
         if metrics is None and twin is not None:
             # Two entries with one specification (a sweep's default value under two names) run once.
@@ -237,13 +325,17 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
             try:
                 metrics = evaluate_in_subprocess(cfg, root, category, run_dir, device, batch_size, False, report,
                                                  run_crop)
+                # The inputs as they were before the run: a file replaced during it makes --resume rerun it.
+                run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(run_dir / INPUTS_FILE, json.dumps(fingerprint))
             except BaseException:  # the unfinished run goes; the finished ones stay for --resume
                 _remove_unfinished(run_dir, out)
                 raise
         done.setdefault(key, run_dir)
         for message in metrics.get("warnings", []):
             tqdm.write(f"warning ({rel}): {message}", file=sys.stderr)
-        rows.append({c: metrics.get(c) for c in COLUMNS} | {"config": name, "seed": seed})
+        # the run's own config, seed and category label its row (never what a metrics file says they were)
+        rows.append({c: metrics.get(c) for c in COLUMNS} | {"config": name, "seed": seed, "category": category})
         links[rel] = f"{rel}/report.html"
     bar.close()
     table_rows = summarise(rows)

@@ -73,6 +73,26 @@ def _add_ray_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run on Ray (pip install 'mhpc[distributed]'): no ADDRESS starts a local Ray, "
                         "'auto' joins the running cluster, 'ray://HOST:PORT' a remote one")
+    p.add_argument("--ray-timeout", type=float, metavar="SECONDS",
+                   help="with --ray ADDRESS: how long to wait for the address to answer (default 30)")
+
+
+def _check_ray_options(args: argparse.Namespace) -> None:
+    """Before any work: Ray installed, --ray-timeout only with --ray, and the address answering."""
+    if args.ray is None:
+        if args.ray_timeout is not None:
+            raise MHPCError("--ray-timeout needs --ray")
+        return
+    from mhpc.distributed import check_ray_address, import_ray
+
+    import_ray()  # a missing extra is one line before any work
+    check_ray_address(args.ray or None, _ray_timeout(args))
+
+
+def _ray_timeout(args: argparse.Namespace) -> float:
+    from mhpc.distributed import DEFAULT_RAY_TIMEOUT
+
+    return DEFAULT_RAY_TIMEOUT if args.ray_timeout is None else args.ray_timeout
 
 
 def _add_quiet(p: argparse.ArgumentParser) -> None:
@@ -85,9 +105,9 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 
 
 def _add_key_file(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--key-file", help="file holding the HMAC key that signs (fit, update) or must have signed "
-                                      "(predict, update) the model; surrounding whitespace is stripped, as from "
-                                      "the default: the MHPC_MODEL_KEY environment variable")
+    p.add_argument("--key-file", help="file holding the HMAC key that signs (fit, update, export) or must have "
+                                      "signed (predict, update, export's input) the model; surrounding whitespace "
+                                      "is stripped, as from the default: the MHPC_MODEL_KEY environment variable")
 
 
 def _add_geometry(p: argparse.ArgumentParser, crop: str) -> None:
@@ -159,10 +179,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         raise MHPCError("--tile-overlap needs --tile SIZE")
     if args.ray is not None and args.tile:
         raise MHPCError("--tile cannot be combined with --ray: a distributed fit reads whole images")
-    if args.ray is not None:
-        from mhpc.distributed import import_ray
-
-        import_ray()  # a missing extra is one line before any work
+    _check_ray_options(args)
     batch_size = check_batch_size(args.batch_size)
     cfg = _model_config(args)
     pre = _preprocessing(args, cfg)
@@ -175,8 +192,11 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     with output_folder(args.out, args.overwrite, keep=(MODEL_FILENAME,), model_file=MODEL_FILENAME) as out:
         start = time.perf_counter()
         if args.ray is not None:
-            model.fit_distributed([str(full.samples[i].image) for i in fit_idx], ray_address=args.ray or None,
-                                  num_shards=args.shards, batch_size=batch_size, preprocessing=full.preprocessing)
+            from mhpc.distributed import fit_distributed
+
+            fit_distributed(model, [str(full.samples[i].image) for i in fit_idx], ray_address=args.ray or None,
+                            num_shards=args.shards, batch_size=batch_size, preprocessing=full.preprocessing,
+                            ray_timeout=_ray_timeout(args))
         else:
             model.fit(make_loader(fit_ds, batch_size))
         if hold_idx:
@@ -241,7 +261,7 @@ def _calibrate(model: Any, hold_ds: Any, batch_size: int, quantile: float) -> No
     """The threshold from held-out good images' image scores (each image's max over tiles when tiled)."""
     from mhpc.data.tiling import score_dataset
 
-    model.calibrate_scores([score for _, score, _, _ in score_dataset(model, hold_ds, batch_size)], quantile=quantile)
+    model.calibrate_scores([score for _, score, *_ in score_dataset(model, hold_ds, batch_size)], quantile=quantile)
 
 
 def _cmd_update(args: argparse.Namespace) -> None:
@@ -282,6 +302,9 @@ def _update(args: argparse.Namespace, file: Path) -> None:
     if pre.get("tile"):
         raise MHPCError(f"{args.model} was fitted on tiles; mhpc update reads whole images, so refit it with mhpc fit")
     full, fit_idx, hold_idx = _good_images(args, pre)
+    if full.clipped_ and not args.allow_saturated:  # a clipped image is not a faithful good example
+        raise MHPCError(f"{len(full.clipped_)} image(s) exceed the bit depth the model was fitted on and would be "
+                        f"clipped, e.g. {full.clipped_[0]}; pass --allow-saturated to add them anyway")
     before = model.n_train_images_
     start = time.perf_counter()
     hold = make_loader(full.subset(hold_idx), batch_size) if hold_idx else None
@@ -332,7 +355,7 @@ class _ExportedScorer:
         # The graph takes uint8 pixels: the normalised tensors go back to exactly the uint8 pixels they were
         # made from (mhpc.data.geometry prepares every image in uint8, normalisation is inverted by rounding).
         result = self.engine.predict(np.stack([denormalize(img) for img in images]))
-        return result.scores.astype(np.float64), result.maps
+        return result.scores.astype(np.float64), result.maps, result.is_anomaly  # the graph's own verdict
 
 
 def _exported_file(model: str, engine: str) -> str:
@@ -356,8 +379,21 @@ def _exported_file(model: str, engine: str) -> str:
                     f"for --engine {engine}; export one first: mhpc export --model MODEL --format {fmt} --out {out}")
 
 
-def _cmd_predict(args: argparse.Namespace) -> None:
+def load_scorer(model: str, engine: str = "torch", device: str = "cpu",
+                progress: bool = False) -> tuple[Any, dict[str, Any], float | None]:
+    """(scorer with ``predict_images``, its preprocessing dict, its threshold) for a model folder (torch)
+    or a file from `mhpc export` (onnxruntime / openvino): what `mhpc predict` and `mhpc serve` score with."""
     from mhpc.core.mh_patch_core import MHPatchCore
+
+    if engine == "torch":
+        scorer = MHPatchCore.load(model, device=device)
+        scorer.progress = progress
+        return scorer, _saved_preprocessing(scorer), getattr(scorer, "threshold_", None)
+    exported = _ExportedScorer(_exported_file(model, engine), engine)  # fed by the same dataset pipeline as torch
+    return exported, exported.preprocessing, exported.threshold
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
     from mhpc.core.model_file import resolve_model_path
     from mhpc.data.datasets import ImageFilesDataset
     from mhpc.data.tiling import TiledDataset, score_dataset
@@ -366,16 +402,10 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from mhpc.validation import check_batch_size
 
     batch_size = check_batch_size(args.batch_size)
-    if args.engine == "torch":
-        model = MHPatchCore.load(args.model, device=args.device)
-        model.progress = not args.quiet
-        pre = _saved_preprocessing(model)
-        threshold = getattr(model, "threshold_", None)
-    else:  # a file from `mhpc export`, fed by the same dataset pipeline as torch
-        if args.ray is not None:
-            raise MHPCError(f"--ray scores with the torch engine; --engine {args.engine} runs in this process")
-        model = _ExportedScorer(_exported_file(args.model, args.engine), args.engine)
-        pre, threshold = model.preprocessing, model.threshold
+    _check_ray_options(args)
+    if args.engine != "torch" and args.ray is not None:
+        raise MHPCError(f"--ray scores with the torch engine; --engine {args.engine} runs in this process")
+    model, pre, threshold = load_scorer(args.model, args.engine, args.device, progress=not args.quiet)
     if args.ray is not None and pre.get("tile"):
         raise MHPCError("--ray cannot score a tiled model: Ray scoring reads whole images")
     base = ImageFilesDataset(args.images, preprocessing=pre).validate()
@@ -389,13 +419,13 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             from mhpc.distributed import predict_distributed
 
             predict_distributed(args.model, base.preprocessing, paths, writer, ray_address=args.ray or None,
-                                batch_size=batch_size, progress=not args.quiet)
+                                batch_size=batch_size, progress=not args.quiet, ray_timeout=_ray_timeout(args))
         else:
             from tqdm.auto import tqdm
 
             with tqdm(total=len(paths), desc="predict", unit="image", disable=args.quiet) as bar:
-                for k, score, amap, rgb in score_dataset(model, ds, batch_size):
-                    writer.write(k, rgb(), score, amap)
+                for k, score, amap, rgb, verdict in score_dataset(model, ds, batch_size):
+                    writer.write(k, rgb(), score, amap, verdict)
                     bar.update(1)
         rows = writer.close()
     flagged = sum(1 for r in rows if r[2] == 1)
@@ -413,7 +443,41 @@ def _cmd_export(args: argparse.Namespace) -> None:
     model.progress = not args.quiet
     max_bytes = None if args.max_search_mb is None else int(args.max_search_mb * 2**20)
     path = model.export(args.out, format=args.format, head=args.head, max_intermediate_bytes=max_bytes)
-    print(f"exported {args.model} as {args.format} to {path} (+ {path.name}.json: input and resize contract)")
+    print(f"exported {args.model} as {args.format} to {path} (+ {path.name}.json: input and resize contract, "
+          "SHA-256 of the graph files)")
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from mhpc.serve import require_serve
+
+    require_serve()  # a missing extra is one line before the model loads
+    from mhpc.serve.app import ServeSettings, is_loopback
+    from mhpc.serve.server import run_server
+
+    token = None
+    if args.admin_token_file:
+        token = _read_key_file(args.admin_token_file, "--admin-token-file")
+    elif not is_loopback(args.host):
+        print(f"mhpc serve: warning: binding to {args.host} without --admin-token-file: /admin/reload is off "
+              "(file watching and SIGHUP still reload)", file=sys.stderr)
+    if not 0 <= args.port <= 65535:
+        raise MHPCError(f"--port must be in 0..65535, got {args.port}")
+    if args.replicas is not None and args.ray is None:
+        raise MHPCError("--replicas needs --ray")
+    settings = ServeSettings(model=args.model, engine=args.engine, device=args.device, name=args.name, host=args.host,
+                             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+                             timeout_s=args.timeout_s, max_upload_mb=args.max_upload_mb, admin_token=token,
+                             watch_s=args.watch_s).check()
+    announce = lambda line: print(line, flush=True)  # noqa: E731
+    if args.ray is not None:
+        from mhpc.distributed import import_ray
+        from mhpc.serve.ray_serve import run_on_ray
+
+        import_ray()  # a missing extra is one line before any work
+        run_on_ray(settings, args.port, args.ray or None, args.replicas or 1, announce)
+    else:
+        run_server(settings, args.port, announce)
+    print("mhpc serve: stopped", flush=True)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -459,7 +523,9 @@ def _cmd_ablation(args: argparse.Namespace) -> None:
                                  reference=args.reference, report=not args.no_report, resume=args.resume, base=base,
                                  crop=args.crop)
     except MHPCError as exc:
-        if opened and any(out_dir.glob("**/metrics.json")):
+        from mhpc.ablation import ResumeError
+
+        if opened and not isinstance(exc, ResumeError) and any(out_dir.glob("**/metrics.json")):
             raise MHPCError(f"{exc} (finished runs are kept in {out_dir}: rerun with --resume to continue)") from None
         raise
     print(table)
@@ -539,6 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the new images held out to recalibrate the threshold (0: keep the threshold); "
                         f"at least {MIN_HOLDOUT} images once there are {MIN_HOLDOUT_SET} or more new ones")
     p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
+    p.add_argument("--allow-saturated", action="store_true",
+                   help="add 16-bit images whose values exceed the model's bit depth (clipped); refused otherwise")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
     _add_overwrite(p)
@@ -577,8 +645,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=["auto", "gather", "conv"], default="auto",
                    help="feature head: the pooling gathers, or folded per-layer convolutions (auto: by cost)")
     p.add_argument("--max-search-mb", type=float, help="bound on one search block at batch 8 (default 256)")
+    _add_key_file(p)
     _add_quiet(p)
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP: POST /predict, the Open Inference Protocol v2, "
+                                     "/metrics, a web page at / (pip install 'mhpc[serve]')")
+    p.add_argument("--model", required=True, help="model folder or .safetensors file (torch), or a file from "
+                                                  "`mhpc export` (.onnx / .xml with its .json)")
+    p.add_argument("--engine", choices=["torch", "onnxruntime", "openvino"], default="torch")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (torch engine)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    p.add_argument("--name", help="the model's name in the protocol (default: the folder's name or the file's stem)")
+    p.add_argument("--max-batch", type=int, default=8, help="images per engine batch at most (8)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long the first image of a batch waits for more (5 ms; 0: no waiting)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="images waiting at most; beyond it requests get 503 with Retry-After (64)")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="per-request limit; beyond it 504 (30 s)")
+    p.add_argument("--max-upload-mb", type=float, default=64.0, help="request body limit; beyond it 413 (64 MB)")
+    p.add_argument("--admin-token-file", help="file holding the bearer token that POST /admin/reload needs; "
+                                              "without it admin endpoints answer only on a loopback --host")
+    p.add_argument("--watch-s", type=float, default=1.0,
+                   help="check the model file for changes every this many seconds and reload (1; 0: off)")
+    _add_key_file(p)
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="serve as a Ray Serve deployment (pip install 'mhpc[distributed]'): no ADDRESS starts a local "
+                        "Ray, 'auto' joins the running cluster, 'ray://HOST:PORT' a remote one")
+    p.add_argument("--replicas", type=int, help="with --ray: copies of the model behind Ray Serve's proxy (1)")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("evaluate", help="fit and evaluate on an MVTec-layout category: metrics.json, scores, maps, report")
     p.add_argument("--data", required=True)
@@ -668,14 +764,14 @@ def _interrupt(signum, frame):  # SIGTERM is handled like Ctrl-C: clean up, exit
     raise KeyboardInterrupt
 
 
-def _read_key_file(path: str) -> str:
+def _read_key_file(path: str, flag: str = "--key-file") -> str:
     from mhpc.core.model_file import normalise_key
 
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
-        raise MHPCError(f"cannot read --key-file {path}: {exc.strerror or exc}") from None
-    return os.fsdecode(normalise_key(raw, f"--key-file {path}"))
+        raise MHPCError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+    return os.fsdecode(normalise_key(raw, f"{flag} {path}"))
 
 
 def main(argv: list[str] | None = None) -> int:

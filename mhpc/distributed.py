@@ -52,24 +52,73 @@ def import_ray():
     return ray
 
 
+DEFAULT_RAY_TIMEOUT = 30.0  # seconds to reach a Ray address before giving up (mhpc's --ray-timeout)
+
+
+def check_ray_address(address: str | None, timeout: float = DEFAULT_RAY_TIMEOUT) -> None:
+    """One-line error when nothing answers at ``address`` ("HOST:PORT" or "ray://HOST:PORT") within
+    ``timeout`` seconds. Ray itself retries an unreachable address for minutes; a TCP connection to it is
+    tried first. None (a new local Ray) and "auto" (Ray finds the address itself) are not probed."""
+    import math
+    import socket
+
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise MHPCError(f"--ray-timeout must be a positive number of seconds, got {timeout!r}")
+    if not address or address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise MHPCError(f"--ray {address}: expected 'auto', HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
+        raise MHPCError(f"cannot reach Ray at {address} within {timeout:g} s ({reason}); "
+                        "is the cluster running there? (--ray-timeout sets the wait)") from None
+
+
 @contextlib.contextmanager
-def ray_session(address: str | None = None) -> Iterator[Any]:
+def ray_session(address: str | None = None, timeout: float = DEFAULT_RAY_TIMEOUT) -> Iterator[Any]:
     """Joins ``address`` ("auto", "HOST:PORT" or "ray://HOST:PORT"), or starts a local Ray when None.
     A Ray already initialised in this process is used as it is and left running; one started here is
-    shut down at the end."""
+    shut down at the end. An address that does not answer within ``timeout`` s is a one-line error.
+
+    ``ray.init`` replaces the SIGTERM handler with ``sys.exit(15)``; the caller's handler is put back
+    (mhpc's CLI treats SIGTERM like Ctrl-C: clean up, exit 130), and a SIGTERM that arrives while Ray
+    starts is raised as KeyboardInterrupt too, so the ``finally`` below shuts Ray down either way."""
+    import signal
+    import threading
+
     ray = import_ray()
     if ray.is_initialized():
         yield ray
         return
+    check_ray_address(address, timeout)
+    main_thread = threading.current_thread() is threading.main_thread()
+    term_handler = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
         # "local": a new instance even when RAY_ADDRESS is set or another cluster runs on this machine.
         ray.init(address=address or "local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError) as exc:
+        _restore(signal, term_handler)
         raise MHPCError(f"cannot connect to Ray at {address or 'a new local instance'}: {exc}") from None
+    except SystemExit as exc:  # Ray's own SIGTERM handler fired while it started
+        _restore(signal, term_handler)
+        ray.shutdown()
+        if exc.code == signal.SIGTERM and term_handler not in (None, signal.SIG_DFL, signal.SIG_IGN):
+            raise KeyboardInterrupt from None
+        raise
+    _restore(signal, term_handler)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _restore(signal: Any, handler: Any) -> None:
+    if handler is not None:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def shard_paths(paths: Sequence[str], num_shards: int) -> list[list[str]]:
@@ -133,13 +182,14 @@ class _BatchScorer:
 
 def predict_distributed(model_path: str | os.PathLike, preprocessing: dict[str, Any], paths: Sequence[str],
                         writer: "PredictionWriter", ray_address: str | None = None, batch_size: int = 8,
-                        num_workers: int | None = None, progress: bool = True) -> None:
+                        num_workers: int | None = None, progress: bool = True,
+                        ray_timeout: float = DEFAULT_RAY_TIMEOUT) -> None:
     """Scores ``paths`` on Ray with the saved model at ``model_path`` (already loaded once by the caller,
     which checked it); ``writer`` gets every result."""
     from mhpc.core.model_file import resolve_model_path
 
     file = resolve_model_path(model_path)
-    with ray_session(ray_address) as ray:
+    with ray_session(ray_address, ray_timeout) as ray:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         if not progress:
@@ -258,10 +308,12 @@ class RayExecutor:
 
 def fit_distributed(model: "MHPatchCore", images: Sequence[str | os.PathLike] | tuple[str, str],
                     ray_address: str | None = None, num_shards: int | None = None, batch_size: int = 8,
-                    max_retries: int = 3, preprocessing: dict[str, Any] | None = None) -> "MHPatchCore":
+                    max_retries: int = 3, preprocessing: dict[str, Any] | None = None,
+                    ray_timeout: float = DEFAULT_RAY_TIMEOUT) -> "MHPatchCore":
     """Fits ``model`` on Ray: the fit driver's schedule with the images split into ``num_shards`` path
     shards (default: the cluster's CPUs). ``images``: image files, or an MVTec ``(root, category)`` pair.
-    ``preprocessing``: a ``mhpc.data.transforms`` dict (default: the whole image at the input size)."""
+    ``preprocessing``: a ``mhpc.data.transforms`` dict (default: the whole image at the input size);
+    ``ray_timeout``: seconds to wait for ``ray_address`` to answer."""
     from mhpc.data.transforms import check_preprocessing, make_preprocessing
     from mhpc.fit import driver
 
@@ -277,7 +329,7 @@ def fit_distributed(model: "MHPatchCore", images: Sequence[str | os.PathLike] | 
     model.preprocessing_ = pre
     if model.feature_reduction_.value == "PCA" and model.pca_solver != "covariance":
         raise MHPCError("a distributed fit merges covariance statistics; use pca_solver='covariance'")
-    with ray_session(ray_address) as ray:
+    with ray_session(ray_address, ray_timeout) as ray:
         shards = shard_paths(paths, num_shards or max(1, int(ray.cluster_resources().get("CPU", 1))))
         driver.run(model, RayExecutor(ray, model, shards, pre, batch_size, max_retries))
     model.n_shards_ = len(shards)

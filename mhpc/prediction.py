@@ -28,6 +28,28 @@ from mhpc.report import overlay
 COLUMNS = ["image_path", "score", "is_anomalous", "map_path", "overlay_path"]
 
 
+def render_overlay(rgb: np.ndarray, amap: np.ndarray, threshold: float | None) -> np.ndarray:
+    """The heat map over the image as ``mhpc predict`` and ``mhpc serve`` show it (uint8 H x W x 3).
+    Colour scale: 0 .. 2x threshold, so the threshold sits mid-scale on every image."""
+    vmax = 2 * threshold if threshold else float(amap.max())
+    return overlay(rgb, amap, 0.0, vmax)
+
+
+def in_image_coordinates(path: str | Path, rgb: np.ndarray, amap: np.ndarray,
+                         preprocessing: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """(image, map) as ``mhpc predict`` writes them: for a whole-image model without tiles, the original image
+    (read from ``path``) and the map with the letterbox padding cropped off and resized to it; otherwise the
+    ``rgb`` and ``amap`` the scorer gave (the centre crop, or a tiled model's stitched full-size map)."""
+    pre = preprocessing or {}
+    if pre.get("crop") == "none" and not pre.get("tile"):
+        from mhpc.data.io import load_rgb
+        from mhpc.data.tiling import untile_map
+
+        rgb = np.asarray(load_rgb(Path(path), pre.get("bit_depth")))
+        amap = untile_map(np.asarray(amap, dtype=np.float32), *rgb.shape[:2])
+    return rgb, amap
+
+
 class PredictionWriter:
     """Writes one image's map and overlay as it comes; ``close`` writes ``scores.csv`` in input order.
     ``out`` is a folder already prepared by ``mhpc.outputs.output_folder``."""
@@ -39,32 +61,28 @@ class PredictionWriter:
         self.names = output_stems(self.paths)
         self.threshold = threshold
         self.rows: dict[int, list] = {}
-        pre = preprocessing or {}
-        # Whole-image models without tiles give input-size maps of the letterboxed image: undo the letterbox.
-        self.letterbox = pre.get("crop") == "none" and not pre.get("tile")
-        self.bit_depth = pre.get("bit_depth")
+        self.preprocessing = preprocessing
 
-    def write(self, index: int, rgb: np.ndarray, score: float, amap: np.ndarray) -> None:
-        """``rgb``: the image the map covers, as uint8 H x W x 3; ``amap``: its anomaly map."""
+    def write(self, index: int, rgb: np.ndarray, score: float, amap: np.ndarray,
+              anomalous: bool | None = None) -> None:
+        """``rgb``: the image the map covers, as uint8 H x W x 3; ``amap``: its anomaly map; ``anomalous``:
+        the verdict of an exported graph (its ``is_anomaly``), else score >= threshold."""
         index = int(index)
-        if self.letterbox:
-            from mhpc.data.io import load_rgb
-            from mhpc.data.tiling import untile_map
-
-            rgb = np.asarray(load_rgb(self.paths[index], self.bit_depth))
-            amap = untile_map(np.asarray(amap, dtype=np.float32), *rgb.shape[:2])
+        # Whole-image models without tiles give input-size maps of the letterboxed image: undo the letterbox.
+        rgb, amap = in_image_coordinates(self.paths[index], rgb, amap, self.preprocessing)
         map_rel = Path("maps") / with_suffix_added(self.names[index], ".npy")
         overlay_rel = Path("overlays") / with_suffix_added(self.names[index], ".png")
         for rel in (map_rel, overlay_rel):
             with writing((self.out / rel).parent):
                 (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
         save_npy(self.out / map_rel, np.asarray(amap, dtype=np.float32))
-        # Colour scale: 0 .. 2x threshold, so the threshold sits mid-scale on every image.
-        vmax = 2 * self.threshold if self.threshold else float(amap.max())
         with writing(self.out / overlay_rel):
-            Image.fromarray(overlay(rgb, amap, 0.0, vmax)).save(self.out / overlay_rel)
-        anomalous = "" if self.threshold is None else int(score >= self.threshold)
-        self.rows[index] = [self.paths[index], repr(float(score)), anomalous, str(map_rel), str(overlay_rel)]
+            Image.fromarray(render_overlay(rgb, amap, self.threshold)).save(self.out / overlay_rel)
+        if anomalous is not None:
+            verdict = int(bool(anomalous))
+        else:
+            verdict = "" if self.threshold is None else int(score >= self.threshold)
+        self.rows[index] = [self.paths[index], repr(float(score)), verdict, str(map_rel), str(overlay_rel)]
 
     def close(self) -> list[list]:
         """Writes ``scores.csv`` (one row per input image, input order) and returns its rows."""

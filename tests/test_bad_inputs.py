@@ -165,8 +165,8 @@ def test_sixteen_bit_data_keeps_its_real_depth(tmp_path):
     twelve = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)  # 12-bit data, 0..4095
     Image.fromarray(twelve).save(tmp_path / "a" / "x.png")
     ds = FolderDataset(tmp_path / "a").validate()
-    assert ds.preprocessing["bit_depth"] == 12
-    levels = np.unique(np.asarray(load_rgb(tmp_path / "a" / "x.png", 12))[..., 0])
+    assert ds.preprocessing["bit_depth"] == 16  # no sBIT: the container's depth, never guessed from the data
+    levels = np.unique(np.asarray(load_rgb(tmp_path / "a" / "x.png", 12))[..., 0])  # a model fitted on 12 bits
     assert levels.min() == 0 and levels.max() == 255 and len(levels) == 256  # not 16 grey levels
     # The sBIT chunk wins over the data's maximum: 10 significant bits -> 1023 is white.
     ten = np.full((64, 64), 1023, np.uint16)

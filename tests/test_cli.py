@@ -22,7 +22,7 @@ def data(tmp_path_factory):
 
 def test_help_on_every_subcommand(capsys):
     for cmd in ["demo", "fit", "update", "predict", "export", "evaluate", "ablation", "generate", "setup-weights",
-                "setup-textures"]:
+                "setup-textures", "serve"]:
         with pytest.raises(SystemExit) as exc:
             main([cmd, "--help"])
         assert exc.value.code == 0

@@ -69,7 +69,7 @@ def test_overwrite_removes_exactly_the_earlier_runs_files(work, tmp_path, capsys
     assert run(predict_argv(work, out, images[0], "--overwrite"), capsys)[0] == 0
     assert (out / "notebook.ipynb").read_text() == "{}" and (out / "labels" / "000.txt").read_text() == "ok"
     assert (out / "maps" / "mine.txt").read_text() == "mine"
-    assert sorted(p.name for p in (out / "maps").rglob("*.npy")) == ["000.png.npy"]  # the old second map is gone
+    assert sorted(p.name for p in (out / "maps").rglob("*.npy")) == ["000.npy"]  # the old second map is gone
     assert "notebook.ipynb" not in marker(out)["files"] and "labels/000.txt" not in marker(out)["files"]
 
     # update --out M --overwrite into an earlier update's model folder: the user's NOTES.txt and calib/ stay.
@@ -430,7 +430,7 @@ def test_os_errors_while_writing_name_the_file_and_the_cause(work, tmp_path, cap
     out = tmp_path / "p"
     argv = predict_argv(work, out, tmp_path / "big" / "000.png")
     code_, err = run(argv, capsys)
-    assert_one_line(code_, err, f"cannot write {out / 'maps' / '000.png.npy'}: {os.strerror(code)}")
+    assert_one_line(code_, err, f"cannot write {out / 'maps' / '000.npy'}: {os.strerror(code)}")
     assert "requested" not in err and not out.exists()  # cleaned up
     # An OSError from anywhere else names its file too.
     monkeypatch.undo()

@@ -10,16 +10,17 @@ whole image (``crop="none"``); ``MVTecDataset`` defaults to the MVTec protocol (
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from mhpc.data.io import (bits_for, inspect_image, is_sixteen_bit, list_images, load_mask, load_rgb, png_sbit,
-                          walk_images)
+from mhpc.data.io import (SIXTEEN_BIT_MODES, image_bit_depth, inspect_image, list_images, load_mask, load_rgb,
+                          png_sbit, walk_images)
 from mhpc.data.transforms import build_transforms, make_preprocessing
-from mhpc.errors import MHPCError
+from mhpc.errors import MHPCError, MHPCWarning
 from mhpc.outputs import MARKER
 
 
@@ -46,20 +47,33 @@ class SampleDataset(torch.utils.data.Dataset):
 
     def validate(self) -> "SampleDataset":
         """Decodes every image and mask once: readable, size guards, masks matching and not empty.
-        16-bit images without an sBIT chunk set ``bit_depth`` from the largest value (unless given)."""
+
+        16-bit images: each is scaled by its own depth (``mhpc.data.io.image_bit_depth``). A set without
+        a recorded ``bit_depth`` (a fit) records the deepest image's own depth, so a model knows what it
+        was fitted on; an image whose values exceed its depth's range would be clipped: one warning per
+        file, and its path in ``clipped_`` (``mhpc update`` refuses those)."""
         if self._validated:
             return self
-        peak, sizes = 0.0, []
+        deep, sizes = [], []
         for s in self.samples:
             info = inspect_image(s.image)
             sizes.append(info.size)
-            if info.max_value and png_sbit(s.image) is None:
-                peak = max(peak, info.max_value)
+            if info.mode in SIXTEEN_BIT_MODES:
+                deep.append((s.image, info.max_value, png_sbit(s.image)))
             if s.mask is not None:
                 mask = load_mask(s.mask)
                 self._check_mask(s, mask, info.size)
-        if peak and self.preprocessing.get("bit_depth") is None:
-            self.preprocessing["bit_depth"] = bits_for(peak)
+        fitted = self.preprocessing.get("bit_depth")
+        if deep and fitted is None:
+            self.preprocessing["bit_depth"] = max(image_bit_depth(sbit) for _, _, sbit in deep)
+        self.clipped_ = []
+        for path, peak, sbit in deep:
+            bits = image_bit_depth(sbit, fitted)
+            if peak > 2**bits - 1:
+                self.clipped_.append(path)
+                where = "its sBIT chunk" if sbit else "the depth the model was fitted on"
+                warnings.warn(MHPCWarning(f"image {path} has values up to {peak:.0f}, above the {bits}-bit range of "
+                                          f"{where}: clipped at {2**bits - 1}"), stacklevel=2)
         self.sizes_ = sizes  # (width, height) of every image
         self._validated = True
         return self
@@ -69,6 +83,8 @@ class SampleDataset(torch.utils.data.Dataset):
         sub = SampleDataset([self.samples[i] for i in indices], self.preprocessing)
         if self._validated:
             sub.sizes_, sub._validated = [self.sizes_[i] for i in indices], True
+            kept = {s.image for s in sub.samples}
+            sub.clipped_ = [p for p in self.clipped_ if p in kept]
         return sub
 
     @staticmethod
@@ -81,8 +97,6 @@ class SampleDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
-        if self.preprocessing.get("bit_depth") is None and not self._validated and is_sixteen_bit(s.image):
-            self.validate()  # 16-bit data: the depth is a property of the whole set, not of one image
         img = load_rgb(s.image, self.preprocessing.get("bit_depth"))
         if s.mask is not None:
             mask_img = load_mask(s.mask)

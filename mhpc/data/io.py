@@ -1,8 +1,9 @@
 """Reading images and masks with errors that name the file.
 
 Pixel values are read as they are: 8-bit modes convert to RGB; float images (mode F) in [0, 1] scale
-to 8 bits; 16-bit images scale by their real bit depth (the PNG sBIT chunk, else the depth of the
-training data's maximum, recorded in the model). Any other mode is an error naming file and mode.
+to 8 bits; 16-bit images scale by a depth decided for each image on its own (``image_bit_depth``: its
+PNG sBIT chunk, else the depth the model was fitted on, else the container's 16 bits), never from the
+other images read with it. Any other mode is an error naming file and mode.
 Sizes are guarded: more than ``MAX_PIXELS`` pixels or an aspect ratio over ``MAX_ASPECT`` is refused
 from the header, before any decoding.
 """
@@ -100,9 +101,13 @@ def png_sbit(path: Path) -> int | None:
         return None
 
 
-def bits_for(max_value: float) -> int:
-    """The bit depth whose range holds ``max_value`` (at least 8)."""
-    return max(8, min(16, int(np.ceil(np.log2(float(max_value) + 1)))))
+CONTAINER_BITS = 16  # a 16-bit image without an sBIT chunk is taken at its container's depth
+
+
+def image_bit_depth(sbit: int | None, fitted: int | None = None) -> int:
+    """The depth one 16-bit image is scaled by: its PNG sBIT chunk, else ``fitted`` (the depth the model
+    recorded at fit), else the container's 16 bits. A function of the image and the model only."""
+    return sbit or fitted or CONTAINER_BITS
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,8 @@ def _float_to_8bit(arr: np.ndarray, path: Path) -> np.ndarray:
 
 def load_rgb(path: Path, bit_depth: int | None = None) -> Image.Image:
     """Any supported mode becomes 8-bit RGB; alpha is dropped. 16-bit data scales by the PNG sBIT
-    depth, else ``bit_depth``, else the depth of this image's own maximum."""
+    depth, else ``bit_depth`` (the model's), else 16 bits; values above that depth's range are clipped
+    (``SampleDataset.validate`` warns about each such file)."""
     img = _open(path)
     _check_mode(img, path)
     if img.mode == "F":
@@ -150,7 +156,7 @@ def load_rgb(path: Path, bit_depth: int | None = None) -> Image.Image:
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
             raise MHPCError(f"image {path} is mode {img.mode} with values {arr.min():.0f}..{arr.max():.0f}, "
                             "outside 16 bits")
-        bits = png_sbit(path) or bit_depth or bits_for(arr.max() if arr.size else 0)
+        bits = image_bit_depth(png_sbit(path), bit_depth)
         top = float(2**bits - 1)
         img = Image.fromarray((np.clip(arr, 0, top) * (255.0 / top)).round().astype(np.uint8), mode="L")
     return img.convert("RGB")
@@ -159,9 +165,3 @@ def load_rgb(path: Path, bit_depth: int | None = None) -> Image.Image:
 def load_mask(path: Path) -> Image.Image:
     """A binary 0/255 mask: defect where the mask exceeds half its maximum."""
     return binary_mask(_open(path))
-
-
-def is_sixteen_bit(path: Path) -> bool:
-    """From the header only (with the size guards)."""
-    with _lazy_open(path) as img:
-        return img.mode in SIXTEEN_BIT_MODES

@@ -3,6 +3,7 @@ are stitched back to the image's full resolution (overlaps averaged); the image 
 
 As anomalib's ``Tiler``: tiles of ``size`` pixels (of the original image) with ``overlap`` pixels shared
 between neighbours, the last tile of a row or column flush with the border so every pixel is covered.
+A side shorter than a tile (even one at or below the overlap) is one tile of that side's length.
 Each tile goes through the model's own preprocessing (the whole tile into the input size), so a model
 fitted on tiles predicts on tiles of the same size.
 """
@@ -29,7 +30,10 @@ def check_tiling(size: int, overlap: int) -> None:
 
 
 def tile_starts(length: int, size: int, overlap: int) -> list[int]:
-    size = min(size, length)
+    """Tile offsets along one side. A side no longer than a tile (also one at or below the overlap) is
+    one tile of its own length: a small image is scored whole, not refused."""
+    if length <= size:
+        return [0]
     starts = list(range(0, length - size + 1, size - overlap))
     if starts[-1] + size < length:
         starts.append(length - size)
@@ -77,28 +81,37 @@ def untile_map(amap: np.ndarray, tile_h: int, tile_w: int) -> np.ndarray:
     return F.interpolate(content, size=(tile_h, tile_w), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def predict_tiled(model, tiled: TiledDataset, batch_size: int = 8) -> Iterator[tuple[int, float, np.ndarray]]:
-    """Yields (image index, image score = max over its tiles, full-resolution map) image by image."""
+def _scored(out) -> tuple:
+    """A scorer's (scores, maps) or (scores, maps, verdicts), as a triple (verdicts None when absent)."""
+    return (out[0], out[1], out[2]) if len(out) > 2 and out[2] is not None else (out[0], out[1], None)
+
+
+def predict_tiled(model, tiled: TiledDataset,
+                  batch_size: int = 8) -> Iterator[tuple[int, float, np.ndarray, bool | None]]:
+    """Yields (image index, image score = max over its tiles, full-resolution map, verdict) image by image.
+    The verdict is any tile's own verdict when the scorer gives one (an exported graph), else None."""
     from mhpc.data.datasets import make_loader
 
     k = 0
-    current, score, total, count = None, -np.inf, None, None
+    current, score, total, count, verdict = None, -np.inf, None, None, None
     for batch in make_loader(tiled, batch_size):
-        scores, maps = model.predict_images(batch["image"])
-        for s, amap in zip(scores, maps):
+        scores, maps, verdicts = _scored(model.predict_images(batch["image"]))
+        for j, (s, amap) in enumerate(zip(scores, maps)):
             i, (top, left, th, tw) = tiled.index[k]
             k += 1
             if i != current:
                 if current is not None:
-                    yield current, score, (total / count).astype(np.float32)
+                    yield current, score, (total / count).astype(np.float32), verdict
                 w, h = tiled.base.sizes_[i]
-                current, score = i, -np.inf
+                current, score, verdict = i, -np.inf, None
                 total, count = np.zeros((h, w), np.float64), np.zeros((h, w), np.float64)
             score = max(score, float(s))
+            if verdicts is not None:
+                verdict = bool(verdict) or bool(verdicts[j])
             total[top:top + th, left:left + tw] += untile_map(amap, th, tw)
             count[top:top + th, left:left + tw] += 1
     if current is not None:
-        yield current, score, (total / count).astype(np.float32)
+        yield current, score, (total / count).astype(np.float32), verdict
 
 
 def maybe_tiled(dataset, size: int | None, overlap: int = 0):
@@ -106,22 +119,25 @@ def maybe_tiled(dataset, size: int | None, overlap: int = 0):
     return dataset if size is None else TiledDataset(dataset, size, overlap)
 
 
-def score_dataset(model, dataset, batch_size: int = 8) -> Iterator[tuple[int, float, np.ndarray, Callable[[], np.ndarray]]]:
-    """(index, image score, anomaly map, a function giving the RGB image the map covers) per image. A tiled
-    dataset is scored tile by tile and its maps stitched at the image's full resolution; otherwise the map
-    is at the input size, over the preprocessed image."""
+def score_dataset(model, dataset, batch_size: int = 8) -> Iterator[
+        tuple[int, float, np.ndarray, Callable[[], np.ndarray], bool | None]]:
+    """(index, image score, anomaly map, a function giving the RGB image the map covers, verdict) per image.
+    A tiled dataset is scored tile by tile and its maps stitched at the image's full resolution; otherwise
+    the map is at the input size, over the preprocessed image. The verdict is the scorer's own (an exported
+    graph's ``is_anomaly``; tiled: any tile's), or None for a scorer that gives none (torch)."""
     from mhpc.data.datasets import make_loader
     from mhpc.data.transforms import denormalize
 
     if isinstance(dataset, TiledDataset):
         depth = dataset.preprocessing.get("bit_depth")
-        for i, score, amap in predict_tiled(model, dataset, batch_size):
+        for i, score, amap, verdict in predict_tiled(model, dataset, batch_size):
             path = dataset.base.samples[i].image
-            yield i, score, amap, lambda path=path: np.asarray(load_rgb(path, depth))
+            yield i, score, amap, lambda path=path: np.asarray(load_rgb(path, depth)), verdict
         return
     k = 0
     for batch in make_loader(dataset, batch_size):
-        scores, maps = model.predict_images(batch["image"])
-        for img, score, amap in zip(batch["image"], scores, maps):
-            yield k, float(score), amap, lambda img=img: denormalize(img)
+        scores, maps, verdicts = _scored(model.predict_images(batch["image"]))
+        for j, (img, score, amap) in enumerate(zip(batch["image"], scores, maps)):
+            yield k, float(score), amap, lambda img=img: denormalize(img), (
+                None if verdicts is None else bool(verdicts[j]))
             k += 1

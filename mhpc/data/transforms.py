@@ -10,10 +10,10 @@ export all preprocess from the same code:
   ``{"crop": "center", "input_size": [H, W], "resize": R, ...}``
     the MVTec protocol: short side resized to R (256 for 224), centre crop H x W (drops the border).
 
-``bit_depth`` is the real depth of 16-bit training data (from the PNG sBIT chunk or the data's
-maximum), so 12-bit data in a 16-bit file keeps its 4096 grey levels. ``tile`` ([size, overlap] or
-None) says the model was fitted on tiles of the original image (``mhpc.data.tiling``); each tile then
-goes through the same whole-image transform.
+``bit_depth`` is the depth 16-bit training data was fitted on (the deepest image's PNG sBIT chunk, else
+16); each image is scaled by its own sBIT, else this depth (``mhpc.data.io.image_bit_depth``).
+``tile`` ([size, overlap] or None) says the model was fitted on tiles of the original image
+(``mhpc.data.tiling``); each tile then goes through the same whole-image transform.
 """
 
 from __future__ import annotations

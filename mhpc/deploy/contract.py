@@ -11,7 +11,7 @@ import numpy as np
 from mhpc.errors import MHPCError
 
 SIDECAR_FORMAT = "mhpc-deploy"
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2  # 2: signed (mhpc.deploy.signing); version 1 files carried no hashes
 
 
 def preprocessing_contract(model: Any) -> dict[str, Any]:
@@ -56,25 +56,32 @@ def sidecar_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def write_sidecar(path: str | Path, info: dict[str, Any]) -> Path:
-    target = sidecar_path(path)
-    tmp = target.with_name(".tmp-" + target.name)
-    tmp.write_text(json.dumps({"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, **info}, indent=2))
-    tmp.replace(target)
-    return target
+def sidecar_text(info: dict[str, Any]) -> str:
+    """The sidecar's JSON: format header, ``info``, and its signature (``mhpc.deploy.signing``)."""
+    from mhpc.deploy.signing import sign_sidecar
+
+    return json.dumps(sign_sidecar({"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, **info}), indent=2)
 
 
 def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """The sidecar of the exported graph ``path``, checked before anything is loaded: its own SHA-256,
+    its HMAC when a key is set, the graph files' SHA-256, then its schema. One-line errors."""
+    from mhpc.deploy.signing import check_sidecar, verify_sidecar
+
     target = sidecar_path(path)
     if not target.is_file():
         raise MHPCError(f"{target} not found: an exported model needs the JSON that `mhpc export` writes next to it")
     try:
         info = json.loads(target.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MHPCError(f"{target} is not readable JSON: {exc}") from None
-    if info.get("format") != SIDECAR_FORMAT or info.get("format_version") != SIDECAR_VERSION:
-        raise MHPCError(f"{target} is not an mhpc-deploy description (version {SIDECAR_VERSION})")
-    return info
+    if not isinstance(info, dict) or info.get("format") != SIDECAR_FORMAT:
+        raise MHPCError(f"{target} is not an mhpc-deploy description")
+    if info.get("format_version") != SIDECAR_VERSION:
+        raise MHPCError(f"{target} has mhpc-deploy version {info.get('format_version')!r}; this mhpc reads version "
+                        f"{SIDECAR_VERSION} (signed): export the model again")
+    verify_sidecar(info, target, Path(path))
+    return check_sidecar(info, target, Path(path))
 
 
 def load_image(path: str | Path, contract: dict[str, Any]) -> np.ndarray:

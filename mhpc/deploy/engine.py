@@ -38,7 +38,11 @@ def _import(name: str):
 
 class DeployedModel:
     """An exported graph plus its JSON description. ``engine``: 'onnxruntime', 'openvino' or 'auto'
-    (by suffix: .onnx -> onnxruntime, .xml -> openvino; an .onnx file also runs in OpenVINO)."""
+    (by suffix: .onnx -> onnxruntime, .xml -> openvino; an .onnx file also runs in OpenVINO).
+
+    Before the graph is loaded, the description is verified (``mhpc.deploy.signing``): its own SHA-256,
+    its HMAC when ``MHPC_MODEL_KEY`` is set, the SHA-256 of the graph files, its schema. The verdict
+    ``is_anomaly`` is the graph's own output, not recomputed from the JSON's threshold."""
 
     def __init__(self, path: str | os.PathLike, engine: str = "auto", threads: int | None = None,
                  spin: bool = True) -> None:
@@ -70,6 +74,7 @@ class DeployedModel:
             session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad files
             raise MHPCError(f"onnxruntime cannot load {self.path}: {exc}") from None
+        self._check_outputs([o.name for o in session.get_outputs()])
         name = session.get_inputs()[0].name
         return lambda images: session.run(self.outputs, {name: images})
 
@@ -84,6 +89,7 @@ class DeployedModel:
             compiled = core.compile_model(core.read_model(str(self.path)), "CPU", config)
         except Exception as exc:  # noqa: BLE001
             raise MHPCError(f"OpenVINO cannot load {self.path}: {exc}") from None
+        self._check_outputs([port.get_any_name() for port in compiled.outputs])
         request = compiled.create_infer_request()
         ports = [compiled.output(n) for n in self.outputs]
 
@@ -92,6 +98,11 @@ class DeployedModel:
             return [np.array(result[p]) for p in ports]
 
         return run
+
+    def _check_outputs(self, names: list[str]) -> None:
+        """The graph's own outputs are the ones its (verified) description lists, in that order."""
+        if names != self.outputs:
+            raise MHPCError(f"{self.path} has outputs {names}, but its JSON lists {self.outputs}: export it again")
 
     def check(self, images: Any) -> np.ndarray:
         """The input contract, with one-line errors: uint8 [B, H, W, 3] at the model's input size."""

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 import mhpc
-from mhpc.deploy.contract import preprocessing_contract, write_sidecar
+from mhpc.deploy.contract import preprocessing_contract, sidecar_path, sidecar_text
+from mhpc.deploy.signing import file_sha256, write_pair
 from mhpc.errors import MHPCError, NotFittedError
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -73,7 +74,9 @@ def export_model(
     external_data: bool | None = None,
 ) -> Path:
     """Writes ``path`` (.onnx, or OpenVINO .xml + .bin) and ``path.json`` (input, resize contract, outputs,
-    threshold, search chunking). Returns the written model path."""
+    threshold, search chunking, and the SHA-256 of every graph file, signed: ``mhpc.deploy.signing``).
+    Everything is written under temporary names first; the graph files are renamed into place, then the
+    sidecar last. Returns the written model path."""
     import torch
 
     from mhpc.deploy.graph import DEFAULT_MAX_INTERMEDIATE_BYTES, DEFAULT_REFERENCE_BATCH, DeployGraph
@@ -94,6 +97,8 @@ def export_model(
         _require("openvino")
     target = Path(path)
     check_export_target(target, fmt)  # before the export: nothing is written over a file export did not write
+    if fmt == "openvino" and target.suffix != ".xml":
+        target = target.with_suffix(".xml")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -114,31 +119,47 @@ def export_model(
             )
         proto = onnx.load(str(raw))  # also reads external data the exporter wrote for > 2 GB
         proto.doc_string = f"mhpc {mhpc.__version__}: uint8 [B,{h},{w},3] RGB -> {', '.join(outputs)}"
-        onnx_file = target if fmt == "onnx" else Path(tmp) / "model.onnx"
         size = sum(len(t.raw_data) or int(np.prod(t.dims)) * 4 for t in proto.graph.initializer)
-        external = bool(external_data) if external_data is not None else size > PROTOBUF_LIMIT - 2**26
-        _save_onnx(onnx, proto, onnx_file, external)
-        if fmt == "openvino":
-            target = _save_openvino(onnx_file, target)
-    info = {
-        "mhpc_version": mhpc.__version__,
-        "engine_file": target.name,
-        "format_kind": fmt,
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", h, w, 3]},
-        "outputs": outputs,
-        "input_shape": [h, w],
-        "threshold": float(model.threshold_) if graph.has_threshold else None,  # the graph compares in float32
-        "preprocessing": preprocessing_contract(model),
-        "head": head,
-        "opset": OPSET,
-        "external_data": fmt == "onnx" and external,
-        "search": {
-            "bank_rows": int(graph.search.n), "bank_dim": int(graph.search.dim), "chunk_rows": graph.chunk_rows,
-            "chunks": len(graph.search.offsets), "max_intermediate_bytes": max_bytes, "reference_batch": ref_batch,
-        },
-        "config": model.get_config(),
-    }
-    write_sidecar(target, info)
+        external = fmt == "onnx" and (bool(external_data) if external_data is not None
+                                      else size > PROTOBUF_LIMIT - 2**26)
+        # Staged under the final names inside the temporary folder (ONNX external data is named in the graph).
+        staged_dir = Path(tmp) / "staged"
+        staged_dir.mkdir()
+        if fmt == "onnx":
+            staged = {"graph": staged_dir / target.name}
+            _save_onnx(onnx, proto, staged["graph"], external)
+            if external:
+                staged["data"] = staged_dir / (target.name + ".data")
+        else:
+            onnx_file = Path(tmp) / "model.onnx"
+            _save_onnx(onnx, proto, onnx_file, False)
+            staged = {"graph": _save_openvino(onnx_file, staged_dir / target.name)}
+            staged["bin"] = staged["graph"].with_suffix(".bin")
+        del proto  # the staged files hold it now
+        info = {
+            "mhpc_version": mhpc.__version__,
+            "engine_file": target.name,
+            "format_kind": fmt,
+            "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", h, w, 3]},
+            "outputs": outputs,
+            "input_shape": [h, w],
+            "threshold": float(model.threshold_) if graph.has_threshold else None,  # the graph compares in float32
+            "preprocessing": preprocessing_contract(model),
+            "head": head,
+            "opset": OPSET,
+            "external_data": external,
+            "search": {
+                "bank_rows": int(graph.search.n), "bank_dim": int(graph.search.dim), "chunk_rows": graph.chunk_rows,
+                "chunks": len(graph.search.offsets), "max_intermediate_bytes": max_bytes, "reference_batch": ref_batch,
+            },
+            "config": model.get_config(),
+            "files_sha256": {role: file_sha256(f) for role, f in staged.items()},
+        }
+        if external:
+            info["external_data_file"] = target.name + ".data"
+        write_pair(staged, sidecar_text(info), target, sidecar_path(target))
+    if not external and fmt == "onnx":
+        target.with_name(target.name + ".data").unlink(missing_ok=True)  # an earlier export's external data
     return target
 
 
@@ -237,23 +258,17 @@ def _remove_stale_temp_folders(parent: Path) -> None:
 
 
 def _save_onnx(onnx, proto, file: Path, external: bool) -> None:
-    """Atomic: a temporary name in the same folder, then rename (external data goes to ``FILE.data``)."""
-    tmp = file.with_name(".tmp-" + file.name)
-    data = file.with_name(file.name + ".data")
+    """``file`` (inside the staging folder), with external data in ``FILE.data`` when asked."""
     if external:
-        data.unlink(missing_ok=True)
-        onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
+        onnx.save_model(proto, str(file), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=file.name + ".data", size_threshold=1024)
     else:
-        onnx.save_model(proto, str(tmp))
-        data.unlink(missing_ok=True)
-    tmp.replace(file)
+        onnx.save_model(proto, str(file))
 
 
 def _save_openvino(onnx_file: Path, target: Path) -> Path:
     import openvino as ov
 
-    target = target if target.suffix == ".xml" else target.with_suffix(".xml")
     ov_model = ov.convert_model(str(onnx_file))
     # fp32 weights: fp16 compression (save_model's default) would break parity with torch
     ov.save_model(ov_model, str(target), compress_to_fp16=False)

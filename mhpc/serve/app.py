@@ -1,0 +1,546 @@
+"""The FastAPI application of `mhpc serve`.
+
+Endpoints: ``POST /predict`` (multipart images), the Open Inference Protocol v2 (``/v2/health/*``,
+``/v2/models/{name}[/ready|/infer]``), ``GET /metrics`` (Prometheus), ``POST /admin/reload`` and the page
+at ``GET /``. Every error is JSON ``{"error": "one line"}``; no traceback reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import io
+import logging
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import mhpc
+from mhpc.errors import MHPCError
+from mhpc.serve.batching import Batcher, QueueFull
+from mhpc.serve.metrics import ServerMetrics
+from mhpc.serve.model import ServedModel, file_signature, model_files
+
+log = logging.getLogger("mhpc.serve")
+INPUT_NAME = "images"  # the exported graph's input (mhpc.deploy.export.INPUT_NAME)
+MAP_FORMATS = ("png", "npy")
+
+
+@dataclass
+class ServeSettings:
+    model: str
+    engine: str = "torch"
+    device: str = "cpu"
+    name: str | None = None
+    host: str = "127.0.0.1"
+    max_batch: int = 8
+    batch_wait_ms: float = 5.0
+    max_queue: int = 64
+    timeout_s: float = 30.0
+    max_upload_mb: float = 64.0
+    admin_token: str | None = None
+    watch_s: float = 1.0  # 0: do not watch the model file
+
+    def check(self) -> "ServeSettings":
+        for flag, value, low in (("--max-batch", self.max_batch, 1), ("--max-queue", self.max_queue, 1)):
+            if not isinstance(value, int) or value < low:
+                raise MHPCError(f"{flag} must be an integer >= {low}, got {value!r}")
+        for flag, value in (("--batch-wait-ms", self.batch_wait_ms), ("--watch-s", self.watch_s)):
+            if not value >= 0:
+                raise MHPCError(f"{flag} must be >= 0, got {value!r}")
+        for flag, value in (("--timeout-s", self.timeout_s), ("--max-upload-mb", self.max_upload_mb)):
+            if not value > 0:
+                raise MHPCError(f"{flag} must be > 0, got {value!r}")
+        if self.max_queue < self.max_batch:
+            raise MHPCError(f"--max-queue ({self.max_queue}) must be at least --max-batch ({self.max_batch})")
+        return self
+
+
+def default_name(model: str, engine: str) -> str:
+    """The protocol's model name: the model folder's name, or the exported file's stem."""
+    p = Path(model).resolve()
+    if engine != "torch" or p.suffix == ".safetensors":
+        return p.stem
+    return p.name
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ApiError(Exception):
+    """An answer other than 200: a status and a one-line message (plus headers, e.g. Retry-After)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, " ".join(str(message).split()), headers or {}
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": " ".join(str(message).split())}, status_code=status, headers=headers)
+
+
+class ServerState:
+    """The live model, the batcher and the metrics of one app."""
+
+    def __init__(self, settings: ServeSettings, model: ServedModel | None = None) -> None:
+        self.settings = settings.check()
+        self.model = model or ServedModel(settings.model, settings.engine, settings.device)
+        self.name = settings.name or default_name(self.model.path, settings.engine)
+        self.files = model_files(self.model.path, settings.engine)
+        self.signature = file_signature(self.files)
+        self.metrics = ServerMetrics(settings.max_batch, self.model.threshold)
+        self.metrics.set_model(self.name, self.model.identity())
+        self.ready = False
+        self.reload_lock: asyncio.Lock | None = None
+        self.last_reload_error: str | None = None
+        self.tmpdir: Path | None = None
+        self.batcher: Batcher | None = None
+        self._pre_pool = self._engine_pool = self._load_pool = None
+        self._tasks: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="mhpc-serve-"))
+        self._pre_pool = ThreadPoolExecutor(2, thread_name_prefix="mhpc-pre")
+        self._engine_pool = ThreadPoolExecutor(1, thread_name_prefix="mhpc-engine")  # one batch at a time
+        self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="mhpc-load")  # a reload never blocks scoring
+        s = self.settings
+        self.batcher = Batcher(self._engine_pool, s.max_batch, s.batch_wait_ms / 1000.0, s.max_queue,
+                               on_batch=lambda n: self.metrics.batch_size.observe(n))
+        self.metrics.queue_depth.set_function(lambda: self.batcher.queue.qsize())
+        self.batcher.start()
+        self.reload_lock = asyncio.Lock()
+        if s.watch_s > 0:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._watch()))
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        for task in self._tasks:
+            task.cancel()
+        if self.batcher is not None:
+            await self.batcher.stop()
+        for pool in (self._pre_pool, self._engine_pool, self._load_pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)  # our own mkdtemp folder
+
+    # ------------------------------------------------------------ hot reload
+    async def reload(self, reason: str) -> dict[str, Any]:
+        """Loads and checks the model file again; swaps it in if it is new and sound, else keeps the old one.
+        The swap is one reference assignment: queued jobs keep the model they were preprocessed for."""
+        async with self.reload_lock:
+            signature = file_signature(self.files)
+            loop = asyncio.get_running_loop()
+            s = self.settings
+            try:
+                new = await loop.run_in_executor(self._load_pool, ServedModel, s.model, s.engine, s.device)
+            except Exception as exc:  # noqa: BLE001 - any failure to load keeps the old model serving
+                self.signature = signature  # do not retry the same bad file; a new write changes the signature
+                self.last_reload_error = f"{exc}"
+                self.metrics.reloads.labels(result="refused").inc()
+                log.warning("mhpc serve: reload (%s) refused, the old model keeps serving: %s", reason, exc)
+                raise ApiError(422, f"reload refused, the old model keeps serving: {exc}") from None
+            self.signature = signature
+            self.last_reload_error = None
+            if new.sha256 == self.model.sha256:
+                self.metrics.reloads.labels(result="unchanged").inc()
+                return {"reloaded": False, "reason": "the model file is unchanged", "model": self.model.identity()}
+            old, self.model = self.model, new
+            self.metrics.set_model(self.name, new.identity())
+            self.metrics.reloads.labels(result="loaded").inc()
+            log.warning("mhpc serve: reloaded %s (%s): sha256 %s -> %s", s.model, reason, old.sha256[:12],
+                        new.sha256[:12])
+            return {"reloaded": True, "previous_sha256": old.sha256, "model": new.identity()}
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.watch_s)
+            if file_signature(self.files) != self.signature:
+                with contextlib.suppress(ApiError):
+                    await self.reload("model file changed")
+
+    # ------------------------------------------------------------ scoring
+    async def preprocess(self, model: ServedModel, data: bytes, name: str, keep: bool = False):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pre_pool, model.preprocess_bytes, data, name, self.tmpdir, keep)
+
+    async def score(self, model: ServedModel, images: list) -> list[tuple[float, np.ndarray]]:
+        """Queues the images (all or none) and waits for all their results, within the request timeout."""
+        results = await self.score_each(model, images)
+        failed = next((r for r in results if isinstance(r, ApiError)), None)
+        if failed is not None:
+            raise failed
+        return results
+
+    async def score_each(self, model: ServedModel, images: list) -> list:
+        """As ``score``, but an image the engine failed on is an ApiError in its place, not a failed request."""
+        s = self.settings
+        if len(images) > s.max_queue:
+            raise ApiError(413, f"{len(images)} images in one request; this server takes at most {s.max_queue} "
+                                "(--max-queue)")
+        try:
+            futures = self.batcher.submit(model, images)
+        except QueueFull as exc:
+            raise ApiError(503, f"server busy: {exc}; retry shortly", {"Retry-After": "1"}) from None
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), s.timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"no result within {s.timeout_s:g} s (--timeout-s)") from None
+        # An exception here is the engine failing on this image alone (a failed batch is rerun image by image).
+        return [ApiError(500, f"scoring failed: {type(r).__name__}: {r}") if isinstance(r, BaseException) else r
+                for r in results]
+
+
+def _png_b64(rgb: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _map_payload(fmt: str, model: ServedModel, prepared, amap: np.ndarray) -> dict[str, Any]:
+    """The map and the overlay exactly as `mhpc predict` writes them (maps/*.npy, overlays/*.png): in the
+    image's own coordinates for a whole-image model, over the centre crop for a centre-cropped one."""
+    from mhpc.data.transforms import denormalize
+    from mhpc.prediction import in_image_coordinates, render_overlay
+
+    rgb, amap = in_image_coordinates(prepared.path, denormalize(prepared.image), amap, prepared.preprocessing)
+    amap = np.asarray(amap, dtype=np.float32)
+    out: dict[str, Any] = {"map_shape": list(amap.shape),
+                           "overlay_png": _png_b64(render_overlay(rgb, amap, model.threshold))}
+    if fmt == "npy":
+        buf = io.BytesIO()
+        np.save(buf, amap)
+        out["map_npy"] = base64.b64encode(buf.getvalue()).decode("ascii")
+    else:  # 8-bit grey levels over the overlay's colour scale, 0 .. 2x threshold (or the map's maximum)
+        vmax = 2 * model.threshold if model.threshold else float(amap.max()) or 1.0
+        grey = (np.clip(amap / vmax, 0, 1) * 255).round().astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(grey, mode="L").save(buf, format="PNG")
+        out["map_png"] = base64.b64encode(buf.getvalue()).decode("ascii")
+        out["map_png_range"] = [0.0, vmax]
+    return out
+
+
+def _parse_tensor(body: Any, model: ServedModel) -> np.ndarray:
+    """The v2 request's one input as uint8 [B, H, W, 3] at the model's input size, or a one-line ApiError."""
+    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or len(body["inputs"]) != 1:
+        raise ApiError(400, f"the request must be a JSON object with 'inputs': a list of one tensor named "
+                            f"'{INPUT_NAME}'")
+    t = body["inputs"][0]
+    if not isinstance(t, dict):
+        raise ApiError(400, "each input must be an object with name, shape, datatype and data")
+    h, w = model.input_shape
+    if t.get("name") != INPUT_NAME:
+        raise ApiError(400, f"unknown input {t.get('name')!r}; the model's input is {INPUT_NAME!r}")
+    if t.get("datatype") != "UINT8":
+        raise ApiError(400, f"input {INPUT_NAME!r} must have datatype UINT8 (RGB pixels 0..255), "
+                            f"got {t.get('datatype')!r}")
+    shape = t.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(s, int) for s in shape)
+            or shape[0] < 1 or shape[1:] != [h, w, 3]):
+        raise ApiError(400, f"input {INPUT_NAME!r} must have shape [B, {h}, {w}, 3] with B >= 1, got {shape!r}")
+    try:
+        arr = np.asarray(t.get("data"), dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ApiError(400, f"input {INPUT_NAME!r}: data must be a (flat or nested) list of numbers") from None
+    if arr.size != int(np.prod(shape)):
+        raise ApiError(400, f"input {INPUT_NAME!r}: shape {shape} needs {int(np.prod(shape))} values, got {arr.size}")
+    if arr.size and (not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 255 or (arr != np.round(arr)).any()):
+        raise ApiError(400, f"input {INPUT_NAME!r}: UINT8 data must be integers in 0..255")
+    return arr.astype(np.uint8).reshape(shape)
+
+
+def create_app(settings: ServeSettings, model: ServedModel | None = None) -> FastAPI:
+    """The app for one model; ``model``: an already loaded ServedModel (else it is loaded from settings)."""
+    state = ServerState(settings, model)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(title="mhpc serve", version=mhpc.__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.mhpc = state
+    max_bytes = int(settings.max_upload_mb * 2**20)
+
+    # ---------------------------------------------------------------- errors: one line of JSON, never a traceback
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge):
+        return _error(413, f"request body over {settings.max_upload_mb:g} MB (--max-upload-mb)")
+
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = {404: f"no such endpoint: {request.method} {request.url.path}",
+                   405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+        return _error(exc.status_code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return _error(422, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.error("mhpc serve: %s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+    app.add_middleware(MeasureAndLimit, metrics=state.metrics, max_bytes=max_bytes, max_mb=settings.max_upload_mb)
+
+    # ---------------------------------------------------------------- the page
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        from mhpc.serve.page import render_page
+
+        return HTMLResponse(render_page(state.name))
+
+    # ---------------------------------------------------------------- REST
+    @app.post("/predict")
+    async def predict(request: Request, map: str | None = None):  # noqa: A002 - the query parameter's name
+        if map is not None and map not in MAP_FORMATS:
+            raise ApiError(400, f"map must be one of {list(MAP_FORMATS)}, got {map!r}")
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise ApiError(415, "send the images as multipart/form-data (curl -F file=@image.png)")
+        try:
+            form = await request.form(max_files=settings.max_queue, max_fields=settings.max_queue)
+        except BodyTooLarge:
+            raise
+        except Exception as exc:  # noqa: BLE001 - malformed multipart bodies, too many parts
+            raise ApiError(400, f"unreadable multipart body: {getattr(exc, 'detail', exc)}") from None
+        uploads = [(key, v) for key, v in form.multi_items() if hasattr(v, "read")]
+        if not uploads:
+            raise ApiError(400, "no image in the request: send one or more files as multipart form fields")
+        model = state.model  # one model for the whole request, even across a reload
+        names = [u.filename or key for key, u in uploads]
+        datas = [await u.read() for _, u in uploads]
+        await form.close()
+        started = time.perf_counter()
+        prepared = await asyncio.gather(*(state.preprocess(model, d, n, keep=map is not None)
+                                          for d, n in zip(datas, names)), return_exceptions=True)
+        try:
+            return await _answer(model, names, prepared, started, map)
+        finally:
+            for p in prepared:
+                if not isinstance(p, BaseException) and p.path is not None:
+                    p.path.unlink(missing_ok=True)
+
+    async def _answer(model: ServedModel, names: list[str], prepared: list, started: float, map: str | None):
+        good = [i for i, p in enumerate(prepared) if not isinstance(p, BaseException)]
+        results: dict[int, Any] = {}
+        if good:
+            scored = await state.score_each(model, [prepared[i].image for i in good])
+            results = dict(zip(good, scored))
+        elapsed = time.perf_counter() - started
+        loop = asyncio.get_running_loop()
+        out, first_error, n_ok = [], None, 0
+        for i, name in enumerate(names):
+            p = prepared[i]
+            if isinstance(p, BaseException) or isinstance(results.get(i), ApiError):
+                if isinstance(p, BaseException):
+                    if not isinstance(p, MHPCError):
+                        log.error("mhpc serve: preprocessing %s failed: %s: %s", name, type(p).__name__, p)
+                    status = 413 if "over the limit" in str(p) or "too large" in str(p) else 400
+                    message = " ".join(str(p).split()) if isinstance(p, MHPCError) else f"cannot read image {name}"
+                else:
+                    status, message = results[i].status, results[i].message
+                first_error = first_error or (status, message)
+                out.append({"filename": name, "error": message, "status": status})
+                continue
+            score, amap = results[i]
+            width, height = p.size
+            item = {"filename": name, "score": score, "is_anomaly": model.is_anomaly(score),
+                    "threshold": model.threshold, "width": width, "height": height, "time_s": round(elapsed, 6)}
+            if map is not None:  # image encoding off the event loop
+                item.update(await loop.run_in_executor(state._pre_pool, _map_payload, map, model, p, amap))
+            out.append(item)
+            n_ok += 1
+            state.metrics.scores.observe(score)
+        if not n_ok:
+            raise ApiError(*first_error)
+        return {"model": state.name, "model_sha256": model.sha256, "results": out}
+
+    # ---------------------------------------------------------------- Open Inference Protocol v2
+    def _check_name(name: str) -> None:
+        if name != state.name:
+            raise ApiError(404, f"unknown model {name!r}; this server serves {state.name!r}")
+
+    @app.get("/v2")
+    async def server_metadata():
+        return {"name": "mhpc", "version": mhpc.__version__, "extensions": []}
+
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        if not state.ready:
+            raise ApiError(503, "not ready")
+        return {"ready": True}
+
+    @app.get("/v2/models/{name}")
+    async def model_metadata(name: str):
+        _check_name(name)
+        m = state.model
+        h, w = m.input_shape
+        outputs = [{"name": "scores", "datatype": "FP32", "shape": [-1]},
+                   {"name": "maps", "datatype": "FP32", "shape": [-1, h, w]}]
+        if m.threshold is not None:
+            outputs.append({"name": "is_anomaly", "datatype": "BOOL", "shape": [-1]})
+        return {"name": state.name, "versions": [m.sha256[:12]], "platform": f"mhpc_{m.engine}",
+                "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, h, w, 3]}],
+                "outputs": outputs,
+                "parameters": {"threshold": m.threshold, "preprocessing": m.preprocessing,
+                               "normalisation": "inside: (x / 255 - ImageNet mean) / ImageNet std",
+                               "live_model": m.identity(), "last_reload_error": state.last_reload_error}}
+
+    @app.get("/v2/models/{name}/ready")
+    async def model_ready(name: str):
+        _check_name(name)
+        if not state.ready:
+            raise ApiError(503, "not ready")
+        return {"name": state.name, "ready": True}
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(name: str, request: Request):
+        _check_name(name)
+        try:
+            body = await request.json()
+        except BodyTooLarge:
+            raise
+        except Exception:  # noqa: BLE001 - not JSON
+            raise ApiError(400, "the request body is not JSON (the protocol's JSON tensor form)") from None
+        model = state.model
+        images = _parse_tensor(body, model)
+        tensors = list(model.from_uint8(images))
+        scored = await state.score(model, tensors)
+        scores = np.array([s for s, _ in scored], dtype=np.float32)
+        maps = np.stack([m for _, m in scored]).astype(np.float32)
+        b = len(scored)
+        outputs = [{"name": "scores", "datatype": "FP32", "shape": [b], "data": scores.tolist()},
+                   {"name": "maps", "datatype": "FP32", "shape": list(maps.shape), "data": maps.reshape(-1).tolist()}]
+        if model.threshold is not None:
+            outputs.append({"name": "is_anomaly", "datatype": "BOOL", "shape": [b],
+                            "data": [model.is_anomaly(float(s)) for s, _ in scored]})
+        wanted = body.get("outputs")
+        if isinstance(wanted, list) and wanted:
+            names = {o.get("name") for o in wanted if isinstance(o, dict)}
+            unknown = names - {o["name"] for o in outputs}
+            if unknown:
+                raise ApiError(400, f"unknown output(s) {sorted(map(str, unknown))}; the model has "
+                                    f"{[o['name'] for o in outputs]}")
+            outputs = [o for o in outputs if o["name"] in names]
+        for s, _ in scored:
+            state.metrics.scores.observe(s)
+        answer = {"model_name": state.name, "model_version": model.sha256[:12], "outputs": outputs}
+        if isinstance(body.get("id"), str):
+            answer["id"] = body["id"]
+        return answer
+
+    # ---------------------------------------------------------------- metrics and admin
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/admin/reload")
+    async def admin_reload(request: Request):
+        _check_admin(request)
+        return await state.reload("POST /admin/reload")
+
+    def _check_admin(request: Request) -> None:
+        token = settings.admin_token
+        if token is None:
+            if not is_loopback(settings.host):
+                raise ApiError(403, f"admin endpoints are off: the server binds to {settings.host} (not loopback) "
+                                    "without --admin-token-file")
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise ApiError(401, "admin endpoints need 'Authorization: Bearer TOKEN' (the --admin-token-file token)",
+                           {"WWW-Authenticate": "Bearer"})
+
+    return app
+
+
+class MeasureAndLimit:
+    """ASGI middleware: request count and latency by endpoint (the route's template, so ``/v2/models/{name}``
+    is one series) and status; bodies over ``max_bytes`` get 413, by Content-Length or by counting."""
+
+    def __init__(self, app, metrics: ServerMetrics, max_bytes: int, max_mb: float) -> None:
+        self.app, self.metrics, self.max_bytes, self.max_mb = app, metrics, max_bytes, max_mb
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message.get("type") == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge()
+            return message
+
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        self.metrics.in_flight.inc()
+        try:
+            if length.isdigit() and int(length) > self.max_bytes:
+                response = _error(413, f"request body of {int(length):,} bytes is over {self.max_mb:g} MB "
+                                       "(--max-upload-mb)")
+                await response(scope, receive, send_status)
+            else:
+                await self.app(scope, limited, send_status)
+        finally:
+            self.metrics.in_flight.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status[0])).inc()
+            self.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)

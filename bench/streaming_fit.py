@@ -4,11 +4,14 @@ MobileNetV2 (ImageNet weights from the local file), 224x224 crops of the brick t
 the fly, batch 8. Every fit is a fresh subprocess (its own peak RSS); ``--old`` points at a checkout
 of the previous code, run with ``PYTHONPATH`` set to it, so both run side by side on the same machine
 in the same script. The stage breakdown wraps the same functions in both (statistics = covariance
-updates and IncrementalPCA, k-means = ``KMeansBank``), plus the feature extractor's own timers.
+updates and IncrementalPCA), plus the library's own timers (backbone, patch aggregation, and k-means:
+the bank's chunks and its final reduce; in the old code the streamed ``MiniBatchKMeans.partial_fit``).
+With ``--old`` the last lines put the k-means and fit seconds of the two side by side.
 ``backbone x`` = fit seconds per image / backbone forward seconds per image (one pass), measured in
 the same fit.
 
     .venv/bin/python bench/streaming_fit.py --old /path/to/old/checkout [--sizes 50 200 400] [--update 20]
+        [--algorithm VANILLA|ONLINE] [--aggregation GREEDY|KMEANS|NONE] [--repeat R]  (default: ONLINE KMEANS, 1)
 """
 
 from __future__ import annotations
@@ -36,14 +39,13 @@ def _wrap(cls, name: str, stage: str, timer) -> None:
     setattr(cls, name, timed)
 
 
-def child(n: int, update: int) -> None:
+def child(n: int, update: int, overrides: dict) -> None:
     import torch
 
     from mhpc.core import reduction
     from mhpc.core.mh_patch_core import MHPatchCore
     from mhpc.core.timing import StageTimer, stage_timer
     from mhpc.mahalanobis import covariance
-    from mhpc.memory_bank import kmeans
 
     torch.set_num_threads(2)
     ours = StageTimer()  # separate from the library's own timer, so no stage is counted twice
@@ -51,16 +53,16 @@ def child(n: int, update: int) -> None:
     _wrap(covariance.OnlineCovariance, "update", "statistics", ours)
     _wrap(reduction.PCAReduction, "partial_fit", "statistics", ours)
     _wrap(reduction.PCAReduction, "finalize", "statistics", ours)
-    for name in ("partial_fit", "finalize"):
-        _wrap(kmeans.KMeansBank, name, "k-means", ours)
     _wrap(MHPatchCore, "_project", "projection", ours)
-    model = MHPatchCore(backbone="mobilenet_v2", progress=False, **CONFIG)
+    model = MHPatchCore(backbone="mobilenet_v2", progress=False, **{**CONFIG, **overrides})
     t0 = time.perf_counter()
     model.fit(_common.texture_loader(n, batch_size=8))
     seconds = time.perf_counter() - t0
     passes = getattr(model, "n_passes_", 3)
+    # k-means: the library's own timer around the bank's partial_fit, state and (new code) the final reduce,
+    # the same stage name in the old code and the new.
     stages = {"backbone": stage_timer.seconds["backbone"], "patch aggregation": stage_timer.seconds["patch aggregation"],
-              **ours.seconds}
+              "k-means": stage_timer.seconds["k-means"], **ours.seconds}
     out = {"seconds": seconds, "peak_rss_mb": _common.peak_rss_mb(), "bank": list(model.memory_bank_.shape),
            "passes": passes, "backbone_per_image": stage_timer.seconds["backbone"] / (passes * n), "stages": stages}
     if update and hasattr(model, "update"):
@@ -76,10 +78,14 @@ def main() -> None:
     ap.add_argument("--old", help="checkout of the previous code (run with PYTHONPATH set to it)")
     ap.add_argument("--sizes", nargs="+", type=int, default=[50, 200, 400])
     ap.add_argument("--update", type=int, default=20, help="images added by update() after the new fit")
+    ap.add_argument("--algorithm", choices=["VANILLA", "ONLINE"], default=CONFIG["algorithm"])
+    ap.add_argument("--aggregation", choices=["GREEDY", "KMEANS", "NONE"], default=CONFIG["aggregation"])
+    ap.add_argument("--repeat", type=int, default=1, help="fits per code and size, order alternating; the median")
     ap.add_argument("--child", nargs=2, type=int)
     args = ap.parse_args()
+    overrides = {"algorithm": args.algorithm, "aggregation": args.aggregation}
     if args.child:
-        child(*args.child)
+        child(*args.child, overrides)
         return
     here = str(Path(__file__).resolve().parents[1])
     codes = {"new": here} | ({"old": str(Path(args.old).resolve())} if args.old else {})
@@ -88,9 +94,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     results = {}
     for n in args.sizes:
-        for code, path in codes.items():
-            env = dict(os.environ, PYTHONPATH=path)
-            r = _common.run_child(__file__, ["--child", str(n), str(args.update if code == "new" else 0)], env=env)
+        runs: dict[str, list[dict]] = {code: [] for code in codes}
+        for rep in range(args.repeat):  # alternating order: the first child also warms the file cache
+            for code in (list(codes) if rep % 2 == 0 else list(codes)[::-1]):
+                env = dict(os.environ, PYTHONPATH=codes[code])
+                runs[code].append(_common.run_child(
+                    __file__, ["--child", str(n), str(args.update if code == "new" else 0), "--algorithm",
+                               args.algorithm, "--aggregation", args.aggregation], env=env))
+        for code in codes:
+            r = sorted(runs[code], key=lambda run: run["seconds"])[(len(runs[code]) - 1) // 2]  # the median run
             results[(code, n)] = r
             ratio = r["seconds"] / n / r["backbone_per_image"]
             stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
@@ -101,6 +113,14 @@ def main() -> None:
         if len(sizes) > 1:
             lo, hi = results[(code, sizes[0])]["peak_rss_mb"], results[(code, sizes[-1])]["peak_rss_mb"]
             print(f"{code}: peak RSS {lo:.0f} -> {hi:.0f} MB from N={sizes[0]} to {sizes[-1]} ({hi / lo - 1:+.1%})")
+    for n in args.sizes:
+        if ("old", n) in results:
+            new, old = results[("new", n)], results[("old", n)]
+            if args.aggregation == "KMEANS":
+                print(f"N={n}: k-means new {new['stages']['k-means']:.2f} s, old {old['stages']['k-means']:.2f} s "
+                      f"(new/old {new['stages']['k-means'] / old['stages']['k-means']:.2f})")
+            print(f"N={n}: fit new {new['seconds']:.1f} s, old {old['seconds']:.1f} s "
+                  f"(new/old {new['seconds'] / old['seconds']:.2f})")
     for n in args.sizes:
         r = results[("new", n)]
         if "update_seconds" in r:

@@ -2,12 +2,14 @@
 
 Ray is imported lazily, so the core package imports and works without it.
 
-Fit (``fit_distributed``; ``MHPatchCore.fit_distributed`` and ``mhpc fit --ray`` call it): the
-driver splits the image *paths* into contiguous shards and sends only paths. Each task loads its
-images, runs the backbone and returns the same mergeable state a single-process fit accumulates
-(``mhpc.fit_state``). The driver merges the states in shard order, finalises the projection, puts it
-in the object store, and runs the bank pass per shard the same way. The driver never sees a patch
-feature, only the states; the fit is the ONLINE fit with the loader split into shards.
+Fit (``fit_distributed``; ``MHPatchCore.fit_distributed`` and ``mhpc fit --ray`` call it): the fit
+driver's one schedule (``mhpc.fit.driver``) with this module's :class:`RayExecutor`, which splits the
+image *paths* into contiguous shards, sends only paths, and runs each pass of ``mhpc.fit.passes`` as one
+task per shard. Tasks return the same mergeable states a single-process fit accumulates
+(``mhpc.fit.state``); the driver merges them in shard order, finalises the projection, puts it in the
+object store for the bank tasks, and finalises the bank. The driver sees no patch feature, only states,
+except with aggregation NONE, whose bank is the patches themselves: the statistics tasks return them,
+so every image is read once. The images are streamed whatever the algorithm (no shard is held in memory).
 
 Determinism: a task is a pure function of (configuration, paths, projection), and the driver merges
 results in shard order, not completion order. A task whose worker dies is re-run by Ray
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,7 @@ from mhpc.errors import MHPCError
 
 if TYPE_CHECKING:
     from mhpc.core.mh_patch_core import MHPatchCore
+    from mhpc.fit.state import FitState
     from mhpc.prediction import PredictionWriter
 
 
@@ -205,13 +207,13 @@ def predict_distributed(model_path: str | os.PathLike, preprocessing: dict[str, 
 
 
 # ---------------------------------------------------------------- fit
-KMEANS_OVERSAMPLE = 4  # at most this many times k centroids reach the driver's weighted k-means
 _WORKER_MODEL: dict[str, Any] = {}  # one built model per worker process, reused by its later tasks
 
 
 def _worker_model(config: dict[str, Any], fingerprint: str) -> "MHPatchCore":
     """The model a task works with: built from the driver's configuration (the backbone comes from the
-    node's own weights cache), and refused when its weights differ from the driver's."""
+    node's own weights cache), and refused when its weights differ from the driver's. A task only sets
+    its projection stages, which every bank task sends."""
     import json
 
     from mhpc.core.backbones import state_fingerprint
@@ -229,36 +231,23 @@ def _worker_model(config: dict[str, Any], fingerprint: str) -> "MHPatchCore":
 
 
 def _statistics_task(config: dict[str, Any], fingerprint: str, preprocessing: dict[str, Any], paths: list[str],
-                     batch_size: int) -> dict[str, torch.Tensor]:
-    """One shard's statistics pass: the raw-feature statistics as tensors (count, mean, M2)."""
+                     batch_size: int, keep: str | None) -> "FitState":
+    """One shard's statistics pass (mhpc.fit.passes)."""
+    from mhpc.fit import passes
+
     model = _worker_model(config, fingerprint)
-    stats = model.statistics_pass(image_batches(paths, preprocessing, batch_size))
-    return stats.to_tensors()
+    return passes.statistics_pass(model, image_batches(paths, preprocessing, batch_size), keep)
 
 
 def _bank_task(config: dict[str, Any], fingerprint: str, preprocessing: dict[str, Any],
-               projection: dict[str, torch.Tensor], paths: list[str], batch_size: int,
-               shard_clusters: int | None) -> dict[str, torch.Tensor]:
-    """One shard's bank pass in the driver's projection: the bank state as tensors. ``shard_clusters``:
-    this shard's k-means cluster count (KMEANS only)."""
+               projection: dict[str, torch.Tensor], paths: list[str], batch_size: int, n_images: int,
+               alone: bool) -> "FitState":
+    """One shard's bank pass in the driver's projection (mhpc.fit.passes)."""
     from mhpc.core.model_file import set_stage_tensors
+    from mhpc.fit import passes
 
     model = set_stage_tensors(_worker_model(config, fingerprint), projection)
-    if shard_clusters is not None:
-        model.kmeans_clusters = int(shard_clusters)
-    return model.bank_pass(image_batches(paths, preprocessing, batch_size)).to_tensors()
-
-
-def shard_cluster_counts(clusters: int | float, shard_patches: list[int]) -> list[int]:
-    """Each shard's k-means cluster count: min(shards, 4) times its share of the model's k clusters, so
-    the union the driver reduces by weighted k-means holds about min(shards, 4) k centroids whatever
-    the number of shards (one shard: exactly k), and no shard keeps more centroids than patches."""
-    from mhpc.memory_bank.kmeans import resolve_cluster_count
-
-    total = sum(shard_patches)
-    k = resolve_cluster_count(clusters, total)
-    oversample = min(len(shard_patches), KMEANS_OVERSAMPLE)
-    return [max(1, min(n, math.ceil(k * oversample * n / total))) for n in shard_patches]
+    return passes.bank_pass(model, image_batches(paths, preprocessing, batch_size), n_images=n_images, alone=alone)
 
 
 def _in_order(ray: Any, refs: list, desc: str, progress: bool) -> Iterator[Any]:
@@ -280,20 +269,53 @@ def _in_order(ray: Any, refs: list, desc: str, progress: bool) -> Iterator[Any]:
         yield result
 
 
+class RayExecutor:
+    """The fit driver's executor on Ray (mhpc.fit.driver): one task per shard of image paths, results
+    gathered in shard order. The driver never sees a patch feature, only the states (aggregation NONE:
+    the kept patches, which are the bank)."""
+
+    def __init__(self, ray: Any, model: "MHPatchCore", shards: list[list[str]], preprocessing: dict[str, Any],
+                 batch_size: int, max_retries: int) -> None:
+        from mhpc.core.backbones import state_fingerprint
+
+        self.ray, self.shards, self.pre, self.batch_size = ray, shards, preprocessing, batch_size
+        self.num_shards = len(shards)
+        self.n_images = sum(len(shard) for shard in shards)
+        self.options = dict(num_cpus=1, max_retries=int(max_retries), retry_exceptions=False)
+        if model.device_.type == "cuda":
+            self.options["num_gpus"] = 1
+        self.config = ray.put({**model.get_config(), "progress": False})
+        self.fingerprint = state_fingerprint(model.feature_extractor_)
+
+    def _map(self, fn: Any, args: list[tuple], desc: str, progress: bool) -> list[Any]:
+        task = self.ray.remote(**self.options)(fn)
+        refs = [task.remote(self.config, self.fingerprint, self.pre, *a) for a in args]
+        return list(_in_order(self.ray, refs, f"Ray {desc}", progress))
+
+    def statistics(self, model: "MHPatchCore", keep: str | None, fit_pca: bool, desc: str) -> list["FitState"]:
+        args = [(shard, self.batch_size, keep) for shard in self.shards]
+        return self._map(_statistics_task, args, desc, model.progress)
+
+    def bank(self, model: "MHPatchCore", resume: Any, desc: str) -> list["FitState"]:
+        from mhpc.core.model_file import stage_tensors
+
+        if resume is not None:
+            raise MHPCError("update runs in-process; a Ray fit starts from scratch")
+        projection = self.ray.put(stage_tensors(model))
+        args = [(projection, shard, self.batch_size, self.n_images, self.num_shards == 1) for shard in self.shards]
+        return self._map(_bank_task, args, desc, model.progress)
+
+
 def fit_distributed(model: "MHPatchCore", images: Sequence[str | os.PathLike] | tuple[str, str],
                     ray_address: str | None = None, num_shards: int | None = None, batch_size: int = 8,
                     max_retries: int = 3, preprocessing: dict[str, Any] | None = None,
                     ray_timeout: float = DEFAULT_RAY_TIMEOUT) -> "MHPatchCore":
-    """Fits ``model`` on Ray: the ONLINE fit with the images split into ``num_shards`` path shards
-    (default: the cluster's CPUs). ``images``: image files, or an MVTec ``(root, category)`` pair.
+    """Fits ``model`` on Ray: the fit driver's schedule with the images split into ``num_shards`` path
+    shards (default: the cluster's CPUs). ``images``: image files, or an MVTec ``(root, category)`` pair.
     ``preprocessing``: a ``mhpc.data.transforms`` dict (default: the whole image at the input size);
     ``ray_timeout``: seconds to wait for ``ray_address`` to answer."""
     from mhpc.data.transforms import check_preprocessing, make_preprocessing
-    from mhpc.core.backbones import state_fingerprint
-    from mhpc.core.model_file import stage_tensors
-    from mhpc.fit_state import BankState, FitState
-    from mhpc.mahalanobis import OnlineCovariance
-    from mhpc.memory_bank.kmeans import resolve_cluster_count
+    from mhpc.fit import driver
 
     import_ray()  # before any work: a missing extra is a one-line error, not a failure after the backbone loads
     paths = resolve_image_paths(images)
@@ -305,52 +327,10 @@ def fit_distributed(model: "MHPatchCore", images: Sequence[str | os.PathLike] | 
     if pre.get("tile"):
         raise MHPCError("a distributed fit does not tile images; fit tiled models without --ray")
     model.preprocessing_ = pre
-    if model._needs_statistics() and model.feature_reduction_.value == "PCA" and model.pca_solver != "covariance":
+    if model.feature_reduction_.value == "PCA" and model.pca_solver != "covariance":
         raise MHPCError("a distributed fit merges covariance statistics; use pca_solver='covariance'")
-    # The patch grid from one blank image: the driver's model needs it for scoring, and a fractional
-    # k-means cluster count needs the total patch count before the bank pass.
-    with torch.no_grad():
-        model._embed(torch.zeros(1, 3, *model.input_shape, device=model.device_))
-    per_image = model.grid_shape_[0] * model.grid_shape_[1]
-    total_patches = len(paths) * per_image
-    config = {**model.get_config(), "progress": False}
-    fingerprint = state_fingerprint(model.feature_extractor_)
     with ray_session(ray_address, ray_timeout) as ray:
         shards = shard_paths(paths, num_shards or max(1, int(ray.cluster_resources().get("CPU", 1))))
-        options = dict(num_cpus=1, max_retries=int(max_retries), retry_exceptions=False)
-        if model.device_.type == "cuda":
-            options["num_gpus"] = 1
-        config_ref = ray.put(config)
-        stats = None
-        if model._needs_statistics():
-            task = ray.remote(**options)(_statistics_task)
-            refs = [task.remote(config_ref, fingerprint, pre, shard, batch_size) for shard in shards]
-            for tensors in _in_order(ray, refs, "Ray pass 1/2: statistics", model.progress):
-                part = OnlineCovariance.from_tensors(tensors)
-                stats = part if stats is None else stats.merge(part)
-        model.finalize_statistics(stats)
-        projection = ray.put(stage_tensors(model))
-        task = ray.remote(**options)(_bank_task)
-        clusters = [None] * len(shards)
-        if model.aggregation_.value == "KMEANS":
-            clusters = shard_cluster_counts(model.kmeans_clusters, [len(shard) * per_image for shard in shards])
-        refs = [task.remote(config_ref, fingerprint, pre, projection, shard, batch_size, k)
-                for shard, k in zip(shards, clusters)]
-        bank = None
-        for tensors in _in_order(ray, refs, "Ray pass: memory bank", model.progress):
-            part = BankState.from_tensors(tensors)
-            bank = part if bank is None else bank.merge(part)
-    # GREEDY: the union of the shard coresets, reduced once more to the size one coreset over all
-    # patches has; KMEANS: weighted k-means over the shard centroids to the model's k of the exact patch
-    # count (sklearn's counts overstate it after centre reassignments); NONE: the union.
-    target = None
-    if bank.kind == "GREEDY":
-        target = max(1, int(total_patches * float(model.coreset_percentage)))
-    elif bank.kind == "KMEANS":
-        target = resolve_cluster_count(model.kmeans_clusters, total_patches)
-    model.finalize_bank(bank, target_rows=target)
-    model.n_train_images_ = len(paths)
-    model.n_passes_ = 2 if stats is not None else 1
+        driver.run(model, RayExecutor(ray, model, shards, pre, batch_size, max_retries))
     model.n_shards_ = len(shards)
-    model.fit_state_ = FitState(stats, bank, len(paths))
     return model

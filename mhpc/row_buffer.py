@@ -10,8 +10,8 @@ import torch
 class RowBuffer:
     """Yields chunks of at least ``min_rows`` rows and never drops rows.
 
-    sklearn's ``IncrementalPCA.partial_fit`` needs at least ``n_components`` rows per call and
-    ``MiniBatchKMeans.partial_fit`` needs at least ``n_clusters`` rows in its first call. The
+    sklearn's ``IncrementalPCA.partial_fit`` needs at least ``n_components`` rows per call, and the
+    k-means and greedy-coreset chunks are cut from it. The
     buffer holds at most ``2 * min_rows`` plus one incoming batch, so memory stays bounded.
     ``flush`` returns the remainder, which has ``>= min_rows`` rows whenever anything was emitted
     before (the buffer always keeps ``min_rows`` rows back for that).

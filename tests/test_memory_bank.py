@@ -8,6 +8,11 @@ from mhpc.memory_bank import ApproximateGreedyCoreset, KeepAll, KMeansBank, gree
 from mhpc.row_buffer import RowBuffer
 
 
+def one_chunk(strategy, x):
+    """The bank of ``x`` given as one chunk (VANILLA's in-memory shard)."""
+    return strategy.partial_fit(x).state().rows
+
+
 def rows_are_from(bank, x):
     return bool((bank[:, None, :] == x[None, :, :]).all(-1).any(1).all())
 
@@ -35,8 +40,8 @@ def test_greedy_matches_brute_force(seed):
 
 def test_greedy_sampler_size_projection_and_determinism():
     x = torch.randn(1000, 256)
-    a = ApproximateGreedyCoreset(0.1, seed=3).run(x)
-    b = ApproximateGreedyCoreset(0.1, seed=3).run(x)
+    a = one_chunk(ApproximateGreedyCoreset(0.1, seed=3), x)
+    b = one_chunk(ApproximateGreedyCoreset(0.1, seed=3), x)
     assert a.shape == (100, 256)
     assert torch.equal(a, b)
     # Every selected vector is a training vector.
@@ -45,7 +50,7 @@ def test_greedy_sampler_size_projection_and_determinism():
 
 def test_greedy_covers_outliers_better_than_random():
     x = torch.cat([torch.randn(990, 8) * 0.1, torch.randn(10, 8) * 0.1 + 5.0])
-    bank = ApproximateGreedyCoreset(0.02, seed=0).run(x)
+    bank = one_chunk(ApproximateGreedyCoreset(0.02, seed=0), x)
     assert (bank.norm(dim=1) > 3).any()  # the far cluster is represented
 
 
@@ -54,7 +59,7 @@ def test_streaming_greedy_bounded_chunks_and_size():
     sampler = ApproximateGreedyCoreset(0.1, chunk_size=800, seed=0)
     for part in x.split(300):
         sampler.partial_fit(part)
-    bank = sampler.finalize()
+    bank = sampler.state().rows
     assert abs(bank.shape[0] - 500) <= 10
     assert rows_are_from(bank, x)
 
@@ -66,35 +71,44 @@ def test_bad_percentage():
         ApproximateGreedyCoreset(1.5)
 
 
-def test_kmeans_batch_and_streaming():
+def test_kmeans_one_chunk_and_chunks_reduced():
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(5, 4)) * 10
     x = torch.from_numpy((centres[rng.integers(0, 5, 2000)] + rng.normal(size=(2000, 4)) * 0.1).astype(np.float32))
-    bank = KMeansBank(5, batch_size=256, seed=0).run(x)
+    bank = one_chunk(KMeansBank(5, chunk_size=4096, seed=0), x)  # the fit's only chunk: straight to k
     assert bank.shape == (5, 4)
     assert torch.cdist(torch.from_numpy(centres).float(), bank).min(dim=1).values.max() < 0.5
-    stream = KMeansBank(5, batch_size=256, seed=0, expected_patches=2000)
-    for part in x.split(50):  # batches smaller than the cluster buffer
+    stream = KMeansBank(5, chunk_size=256, seed=0, expected_patches=2000)
+    for part in x.split(50):  # batches smaller than a chunk
         stream.partial_fit(part)
-    sbank = stream.finalize()
+    state = stream.state()
+    # Each chunk of n rows over-clustered into ceil(4 * 5/2000 * n) centroids, weighted by their patches.
+    assert state.rows.shape[0] > 5 and float(state.counts.sum()) == 2000
+    sbank = stream.finalize(state, 2000).rows
     assert sbank.shape == (5, 4)
-    assert torch.cdist(torch.from_numpy(centres).float(), sbank).min(dim=1).values.max() < 1.0
+    assert torch.cdist(torch.from_numpy(centres).float(), sbank).min(dim=1).values.max() < 0.5
 
 
-def test_kmeans_fraction_and_errors():
+def test_kmeans_chunk_counts_follow_the_fraction_and_errors():
     x = torch.randn(500, 3)
-    assert KMeansBank(0.1, batch_size=64).run(x).shape[0] == 50
-    with pytest.raises(MHPCError, match="kmeans_clusters"):
-        KMeansBank(1.5).run(x)
-    with pytest.raises(MHPCError, match="patch count"):
-        KMeansBank(0.1).partial_fit(x)
+    assert one_chunk(KMeansBank(0.1, chunk_size=1000), x).shape[0] == 50
+    # A fraction needs no patch count: 4 x 10% of each chunk (chunks of >= 100 rows), reduced to 10% of all.
+    chunks = KMeansBank(0.1, chunk_size=100).partial_fit(x)
+    state = chunks.state()
+    assert 4 * 50 <= state.rows.shape[0] <= 4 * 50 + 5 and float(state.counts.sum()) == 500
+    assert chunks.finalize(state, 500).rows.shape[0] == 50
+    # As one shard of several (Ray), the only chunk is over-clustered too: the driver reduces the union.
+    assert KMeansBank(0.1, chunk_size=1000, alone=False).partial_fit(x).state().rows.shape[0] == 200
+    for bad in (1.5, 0, "3", True):
+        with pytest.raises(MHPCError, match="kmeans_clusters"):
+            KMeansBank(bad)
 
 
 def test_keep_all():
     x = torch.randn(10, 3)
     k = KeepAll()
     k.partial_fit(x[:4]).partial_fit(x[4:])
-    assert torch.equal(k.finalize(), x)
+    assert torch.equal(k.state().rows, x)
 
 
 def test_row_buffer_never_drops_rows():
@@ -124,16 +138,9 @@ def test_pca_batch_and_incremental_agree():
     assert torch.allclose(a.abs(), b.abs(), atol=1e-2 * a.abs().max())
 
 
-def test_kmeans_progress_bar_moves_and_changes_nothing(capsys):
-    from sklearn.cluster import MiniBatchKMeans
-
-    from mhpc.memory_bank import KMeansBank
-
+def test_kmeans_progress_bar_shows_and_changes_nothing(capsys):
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(3000, 8)).astype(np.float32))
-    shown = KMeansBank(30, 256, seed=0, progress=True).run(x)
-    bar = capsys.readouterr().err
-    assert "k-means steps" in bar and "step" in bar  # one bar, advanced per mini-batch step
-    plain = MiniBatchKMeans(n_clusters=30, batch_size=256, random_state=0, n_init=1).fit(x.numpy())
-    assert torch.equal(shown, torch.from_numpy(plain.cluster_centers_.astype(np.float32)))
-    KMeansBank(30, 256, seed=0, progress=False).run(x)
+    shown = one_chunk(KMeansBank(30, 4096, seed=0, progress=True), x)
+    assert "k-means: 3000 patches into 30 centres" in capsys.readouterr().err
+    assert torch.equal(shown, one_chunk(KMeansBank(30, 4096, seed=0, progress=False), x))
     assert capsys.readouterr().err == ""

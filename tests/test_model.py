@@ -203,10 +203,10 @@ def test_sized_loader_collects_the_same_features_as_a_list(tiny_set):
     train = tiny_set[0]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat(train)), batch_size=5)
     as_loader = tiny_model(aggregation="NONE").fit([b[0] for b in loader])
-    sized = tiny_model(aggregation="NONE")
-    sized._validate()
-    sized._build()
-    feats = sized._collect(torch.utils.data.DataLoader(torch.cat(train), batch_size=5))
+    from mhpc.fit.passes import statistics_pass
+
+    sized = tiny_model(aggregation="NONE").begin_fit()
+    feats = statistics_pass(sized, torch.utils.data.DataLoader(torch.cat(train), batch_size=5), keep="matrix").patches[0]
     assert torch.equal(feats, as_loader.memory_bank_)
 
 

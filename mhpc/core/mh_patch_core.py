@@ -12,7 +12,6 @@ batch by batch (ONLINE).
 
 from __future__ import annotations
 
-import copy
 import enum
 import functools
 import inspect
@@ -33,10 +32,10 @@ from mhpc.core.timing import stage_timer
 from mhpc.core.scoring import NearestNeighbourScorer, anomaly_maps, reweight_image_scores
 from mhpc.data.transforms import dataset_preprocessing
 from mhpc.errors import MHPCError, NotFittedError
-from mhpc.fit_state import BankState, FitState
+from mhpc.fit import passes
+from mhpc.fit.state import BankState
 from mhpc.mahalanobis import OnlineCovariance, Whitener
 from mhpc.memory_bank import ApproximateGreedyCoreset, KeepAll, KMeansBank
-from mhpc.memory_bank.kmeans import reduce_centroids, resolve_cluster_count
 from mhpc.validation import check_image_batch, check_params, warn
 
 __all__ = [
@@ -85,12 +84,6 @@ def _constructor_params() -> tuple[str, ...]:
     return tuple(p for p in inspect.signature(MHPatchCore.__init__).parameters if p != "self")
 
 
-def _dataset_len(loader: Iterable) -> int | None:
-    """The number of images of a DataLoader over a sized dataset, else None."""
-    dataset = getattr(loader, "dataset", None)
-    return len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
-
-
 class MHPatchCore:
     """PatchCore anomaly detector.
 
@@ -104,7 +97,8 @@ class MHPatchCore:
       reweight_num_support: b of the paper's Eq. 7 image-score reweighting; 0 turns it off (0).
       covariance_shrinkage: Ledoit-Wolf style shrinkage of Sigma towards (tr/d) I (0.01).
       covariance_jitter: relative diagonal jitter before Cholesky, escalated on failure (0.0).
-      pca_batch_size, kmeans_batch_size, coreset_chunk_size: streaming batch sizes in patches.
+      pca_batch_size, kmeans_batch_size, coreset_chunk_size: streaming batch and chunk sizes in patches
+        (kmeans_batch_size: the k-means chunk, see mhpc/memory_bank/kmeans.py).
       pretrained / weights_path: ImageNet weights via torchvision, a local file, or random init.
       blur_sigma: Gaussian sigma of the anomaly map (4, as the paper).
       patch_embedding: "pooled" (the paper's pooled 1024-d) or "unpooled" (anomalib's 3x3 average, all channels).
@@ -232,15 +226,17 @@ class MHPatchCore:
             self.space_ = Identity()  # EUCLIDEAN: search in the (reduced) feature space itself
         self.scorer_ = NearestNeighbourScorer(self.num_nn, self.squared_distances)
 
-    def _make_aggregator(self, expected_patches: int | None = None):
+    def _make_aggregator(self, expected_patches: int | None = None, chunk_size: int | None = None,
+                         alone: bool = True):
+        """The aggregation strategy; ``chunk_size`` overrides the configured one (VANILLA: one chunk)."""
         if self.aggregation_ is PatchCoreAggregation.GREEDY:
             return ApproximateGreedyCoreset(
-                self.coreset_percentage, chunk_size=int(self.coreset_chunk_size), seed=self.seed,
+                self.coreset_percentage, chunk_size=chunk_size or int(self.coreset_chunk_size), seed=self.seed,
                 device=self.device_, progress=self.progress,
             )
         if self.aggregation_ is PatchCoreAggregation.KMEANS:
-            return KMeansBank(self.kmeans_clusters, int(self.kmeans_batch_size), self.seed, expected_patches,
-                              progress=self.progress)
+            return KMeansBank(self.kmeans_clusters, chunk_size or int(self.kmeans_batch_size), self.seed,
+                              expected_patches, alone, progress=self.progress)
         return KeepAll()
 
     # ------------------------------------------------------------------ data
@@ -255,41 +251,16 @@ class MHPatchCore:
         self.grid_shape_ = grid
         return features
 
-    def _stream(self, loader: Iterable, desc: str):
-        """Yields patch features [B*P, D] for each batch."""
-        seen = 0
-        for batch in tqdm(loader, desc=desc, disable=not self.progress, leave=False):
-            images = self._images(batch)
-            seen += images.shape[0]
-            feats = self._embed(images)
-            yield feats.reshape(-1, feats.shape[-1])
-        if seen == 0:
-            raise MHPCError("the training data loader yielded no images")
-        self.n_train_images_ = seen
-
     # ------------------------------------------------------------------ fit
-    # The fit contract (begin_fit, statistics_pass, finalize_statistics, bank_pass, finalize_bank) is
-    # described in mhpc/fit_state.py. VANILLA is one shard held in memory, ONLINE a stream; both run
-    # these steps, and update() runs them again from the saved fit state.
+    # One schedule for every fit, update and Ray fit: mhpc/fit/driver.py (the contract: mhpc/fit/state.py).
     def fit(self, dataloader: Iterable) -> "MHPatchCore":
         """Builds the memory bank from images of good parts only."""
+        from mhpc.fit import driver
+
         self.begin_fit()
         self.preprocessing_ = dataset_preprocessing(dataloader, self.input_shape)
-        if self.algorithm_ is PatchCoreAlgorithm.VANILLA:
-            sink: dict[str, Any] = {}
-            feats = self._collect(dataloader, sink)
-            stats = sink.get("stats")
-            self.finalize_statistics(stats)
-            with stage_timer("projection"):
-                projected = self._project(feats)
-            with stage_timer(_BANK_STAGE[self.aggregation_]):
-                bank = self._make_aggregator().run_state(projected)
-            self.n_passes_ = 1
-        else:
-            stats, bank = self._online_passes(dataloader)
-        self.finalize_bank(bank)
-        self.fit_state_ = FitState(stats, bank, self.n_train_images_)
-        return self
+        vanilla = self.algorithm_ is PatchCoreAlgorithm.VANILLA
+        return driver.run(self, driver.InProcess(dataloader), hold_in_memory=vanilla)
 
     def begin_fit(self) -> "MHPatchCore":
         """Validates the parameters and builds the stages; reads no data."""
@@ -299,205 +270,39 @@ class MHPatchCore:
         self.__dict__.pop("fit_state_", None)  # a refit never keeps a previous fit's state
         return self
 
-    def _needs_statistics(self) -> bool:
-        return (self.feature_reduction_ is PatchCoreFeatureReduction.PCA
-                or self.distance_ is PatchCoreDistance.MAHALANOBIS)
-
-    def _statistics_tap(self, batches: Iterable[torch.Tensor], sink: dict[str, Any], fit_pca: bool = True):
-        """Passes feature batches through while accumulating the raw-feature statistics in ``sink``
-        (and feeding IncrementalPCA when that solver is chosen)."""
-        incremental = fit_pca and self.pca_solver == "incremental" and isinstance(self.reduction_, PCAReduction)
-        for feats in batches:
-            if self._needs_statistics():
-                with stage_timer("statistics"):
-                    if "stats" not in sink:
-                        sink["stats"] = OnlineCovariance(feats.shape[1])
-                    sink["stats"].update(feats)
-                    if incremental:
-                        self.reduction_.partial_fit(feats)
-            yield feats
-
-    def statistics_pass(self, loader: Iterable, keep: list[torch.Tensor] | None = None,
-                        desc: str = "statistics", fit_pca: bool = True) -> OnlineCovariance | None:
-        """One pass: the raw-feature statistics (None when neither PCA nor MAHALANOBIS is on).
-        ``keep`` collects the raw feature batches too (aggregation NONE needs no second pass);
-        ``fit_pca=False`` leaves the incremental solver's PCA alone (update keeps the basis)."""
-        sink: dict[str, Any] = {}
-        for feats in self._statistics_tap(self._stream(loader, desc), sink, fit_pca):
-            if keep is not None:
-                keep.append(feats.cpu())
-        return sink.get("stats")
+    def statistics_pass(self, loader: Iterable) -> OnlineCovariance | None:
+        """One pass over ``loader``: its raw-feature statistics (None when neither PCA nor MAHALANOBIS is on)."""
+        return passes.statistics_pass(self, loader).statistics
 
     def finalize_statistics(self, stats: OnlineCovariance | None) -> "MHPatchCore":
-        """PCA (exact, by eigh of Sigma; or the IncrementalPCA fed during the pass), then the
-        whitening, folded into one affine map."""
-        if self.feature_reduction_ is PatchCoreFeatureReduction.PCA:
-            if self.pca_solver == "incremental":
-                self.reduction_.finalize()
-            else:
-                if stats is None:
-                    raise MHPCError("PCA received no patches")
-                self.reduction_.fit_covariance(stats.mean.cpu(), stats.covariance().cpu(), stats.count)
-        self._refresh_whitening(stats, eigenbasis=self.pca_solver == "covariance")
-        self._finish_projection()
+        """PCA and whitening from merged statistics, folded into one affine map."""
+        from mhpc.fit import driver
+
+        driver.finalize_statistics(self, stats)
         return self
 
-    def _refresh_whitening(self, stats: OnlineCovariance | None, eigenbasis: bool) -> None:
-        """MAHALANOBIS: with PCA from the eigenbasis of these very statistics, the reduced covariance is
-        diag(eigenvalues): one scale per dimension. Otherwise (no PCA, IncrementalPCA, or after
-        update with a fixed basis) the statistics projected into the space, shrunk, Cholesky."""
-        if self.distance_ is not PatchCoreDistance.MAHALANOBIS:
-            return
-        if stats is None or stats.count < 2:
-            raise MHPCError("the Mahalanobis distance needs at least 2 training patches")
-        mean, cov = stats.mean.cpu(), stats.covariance().cpu()
-        if not isinstance(self.reduction_, PCAReduction):
-            self.space_.fit_covariance(mean, cov)
-        elif eigenbasis:
-            self.space_.fit_diagonal(self.reduction_.explained_variance_)
-        else:
-            matrix, offset = self.reduction_.affine()
-            self.space_.fit_covariance(matrix @ mean + offset, matrix @ cov @ matrix.T)
+    def bank_pass(self, loader: Iterable) -> BankState:
+        """One pass over ``loader``: the bank state of its projected patches, as one shard of several."""
+        return passes.bank_pass(self, loader, alone=False).bank
 
-    def bank_pass(self, loader: Iterable, expected_patches: int | None = None, resume: BankState | None = None,
-                  desc: str = "memory bank") -> BankState:
-        """One pass: the memory bank state of the projected patches (continuing ``resume`` if given)."""
-        aggregator = None
-        for feats in self._stream(loader, desc):
-            if aggregator is None:  # the first batch tells the patch grid
-                if expected_patches is None and resume is None:
-                    n_images = self._count_images(loader)
-                    if n_images is not None:
-                        expected_patches = n_images * self.grid_shape_[0] * self.grid_shape_[1]
-                aggregator = self._make_aggregator(expected_patches)
-                if resume is not None:
-                    aggregator.resume(resume)
-            with stage_timer("projection"):
-                projected = self._project(feats)
-            with stage_timer(_BANK_STAGE[self.aggregation_]):
-                aggregator.partial_fit(projected)
-        with stage_timer(_BANK_STAGE[self.aggregation_]):
-            return aggregator.state()
+    def finalize_bank(self, bank: BankState, n_patches: int | None = None) -> "MHPatchCore":
+        """Merged bank states reduced to the bank of ``n_patches`` patches; sets the bank and the scorer."""
+        from mhpc.fit import driver
 
-    def finalize_bank(self, bank: BankState, target_rows: int | None = None) -> "MHPatchCore":
-        """Sets the memory bank and the scorer. Merged KMEANS shards are reduced to the cluster count
-        (``target_rows`` when the caller knows the patch count, else from the counts) by weighted k-means;
-        merged GREEDY shards to ``target_rows`` by one more greedy selection."""
-        if bank.kind == "KMEANS":
-            k = int(target_rows) if target_rows is not None else resolve_cluster_count(
-                self.kmeans_clusters, max(1, int(round(float(bank.counts.sum())))))
-            reduced = reduce_centroids(bank, k, self.seed)
-            bank.rows, bank.counts = reduced.rows, reduced.counts
-        elif bank.kind == "GREEDY" and target_rows is not None:
-            bank.rows = self._make_aggregator().reduce_to(bank.rows, int(target_rows))
-        self.memory_bank_ = bank.rows.detach().cpu().float().contiguous()
-        bank.rows = self.memory_bank_
-        self.scorer_.fit(self.memory_bank_)
-        self.is_fitted_ = True
+        driver.finalize_bank(self, bank, n_patches)
         return self
-
-    def _online_passes(self, loader: Iterable, fit_state: FitState | None = None) -> tuple[Any, BankState]:
-        """ONLINE fit (and update): statistics pass when a statistics stage is on, then a bank pass,
-        unless aggregation NONE, which keeps the patches of the statistics pass."""
-        keep_all = self.aggregation_ is PatchCoreAggregation.NONE
-        resume = fit_state.bank if fit_state is not None else None
-        if not self._needs_statistics():
-            self.finalize_statistics(None)
-            self.n_passes_ = 1
-            return None, self.bank_pass(loader, resume=resume, desc="Pass 1/1: memory bank")
-        self.n_passes_ = 1 if keep_all else 2
-        kept: list[torch.Tensor] | None = [] if keep_all else None
-        stats = self.statistics_pass(loader, kept, f"Pass 1/{self.n_passes_}: statistics", fit_pca=fit_state is None)
-        if fit_state is None:
-            self.finalize_statistics(stats)
-        else:  # update: the PCA basis stays, the whitening is refreshed from the merged statistics
-            stats = OnlineCovariance.from_tensors(fit_state.statistics.to_tensors()).merge(stats)
-            old = (self.space_.mean_, self.space_.cholesky_) if isinstance(self.space_, Whitener) else None
-            self._refresh_whitening(stats, eigenbasis=False)
-            self._finish_projection()
-            if old is not None:  # every bank vector into the new whitened space, exactly
-                resume.remap(*self.space_.remap_from(*old))
-        if keep_all:
-            rows = []
-            while kept:
-                with stage_timer("projection"):
-                    rows.append(self._project(kept.pop(0).to(self.device_)).cpu())
-            bank = BankState("NONE", torch.cat(rows).float())
-            return stats, (resume.merge(bank) if resume is not None else bank)
-        return stats, self.bank_pass(loader, stats.count if resume is None else None, resume,
-                                     "Pass 2/2: memory bank")
 
     def update(self, dataloader: Iterable, calibration_loader: Iterable | None = None,
                quantile: float = 0.99) -> "MHPatchCore":
         """Adds images of good parts to a fitted model without refitting (semantics in the README):
         statistics merged and whitening refreshed, the PCA basis kept, every bank vector re-mapped
         exactly into the new space, then the new patches added as the aggregation does. The threshold
-        is kept unless ``calibration_loader`` (held-out good images) is given. On any error the model
-        is left as it was."""
+        is kept unless ``calibration_loader`` (held-out good images) is given. On any error, the
+        calibration's included, the model is left as it was."""
+        from mhpc.fit import driver
+
         self._check_fitted()
-        state = getattr(self, "fit_state_", None)
-        if state is None:
-            raise MHPCError("this model has no fit state (saved with keep_fit_state=False); refit it to add images")
-        # Restore point: the stages are replaced, never changed in place, so shallow copies suffice. The
-        # calibration is inside: a failing one leaves the model as it was, not updated with the old threshold.
-        absent = object()
-        saved = {k: self.__dict__.get(k, absent) for k in ("affine_", "memory_bank_", "n_train_images_", "grid_shape_",
-                                                          "fit_state_", "threshold_", "threshold_stats_", "n_passes_")}
-        saved["space_"] = copy.copy(self.space_)
-        try:
-            stats, bank = self._online_passes(dataloader, FitState(state.statistics, state.bank.copy(), state.n_images))
-            self.finalize_bank(bank)
-            self.n_train_images_ = state.n_images + self.n_train_images_
-            self.fit_state_ = FitState(stats, bank, self.n_train_images_)
-            if calibration_loader is not None:
-                self.calibrate(calibration_loader, quantile)
-        except BaseException:
-            for k, v in saved.items():
-                if v is absent:
-                    self.__dict__.pop(k, None)
-                else:
-                    self.__dict__[k] = v
-            self.scorer_.fit(self.memory_bank_)
-            raise
-        return self
-
-    def _collect(self, loader: Iterable, sink: dict[str, Any] | None = None) -> torch.Tensor:
-        """All patch features [N*P, D] on the CPU (VANILLA's one shard); with ``sink`` the statistics are
-        accumulated batch by batch on the way, as ONLINE does. With a sized dataset the matrix is
-        allocated once and filled, so the features are held once rather than twice (list + concatenation)."""
-        n_images = _dataset_len(loader)
-        batches = self._stream(loader, "Extracting features")
-        if sink is not None:
-            batches = self._statistics_tap(batches, sink)
-        parts: list[torch.Tensor] = []
-        out, row = None, 0
-        for feats in batches:
-            if n_images is not None and out is None:
-                per_image = self.grid_shape_[0] * self.grid_shape_[1]
-                out = torch.empty(n_images * per_image, feats.shape[1], dtype=feats.dtype)
-            if out is not None and row + feats.shape[0] <= out.shape[0]:
-                out[row : row + feats.shape[0]] = feats
-                row += feats.shape[0]
-            else:  # unsized loader, or a dataset that yields more than its length says
-                parts.append(feats.cpu())
-        if out is None:
-            return torch.cat(parts)
-        return torch.cat([out[:row], *parts]) if parts else out[:row]
-
-    def _count_images(self, loader: Iterable) -> int | None:
-        """Image count for a fractional k-means cluster count, without running the backbone."""
-        if self.aggregation_ is not PatchCoreAggregation.KMEANS or isinstance(self.kmeans_clusters, numbers.Integral):
-            return None
-        n_images = _dataset_len(loader)
-        return n_images if n_images is not None else sum(self._images(b).shape[0] for b in loader)
-
-    def _finish_projection(self) -> None:
-        """Once PCA and whitening are final, fold PCA + whitening into one float32 affine map
-        (L^-1 W by triangular solve, computed once), so scoring needs one matrix product."""
-        self.affine_ = None
-        if isinstance(self.reduction_, PCAReduction) and isinstance(self.space_, Whitener):
-            a, b = self.space_.compose(*self.reduction_.affine())
-            self.affine_ = (a.float().T.contiguous().to(self.device_), b.float().to(self.device_))
+        return driver.update(self, dataloader, calibration_loader, quantile)
 
     def _project(self, features: torch.Tensor) -> torch.Tensor:
         """Feature reduction, then the distance's space: the vectors the bank and the search use."""
@@ -641,6 +446,3 @@ _CONFIG_KEYS = [
     "kmeans_batch_size", "coreset_chunk_size", "pretrained", "weights_path", "blur_sigma", "seed", "progress",
     "patch_embedding",
 ]
-
-_BANK_STAGE = {PatchCoreAggregation.GREEDY: "greedy coreset", PatchCoreAggregation.KMEANS: "k-means",
-               PatchCoreAggregation.NONE: "keep all"}

@@ -11,7 +11,8 @@ After the checksum the schema is checked (``mhpc.core.model_schema``). The file 
 temporary name, fsynced and renamed (atomic on POSIX), with the umask's permissions; temporary files
 left by a killed earlier save are removed.
 Optional tensors named ``fit_state.*`` hold the mergeable fit state that ``update`` needs
-(mhpc/fit_state.py; the bank rows are not repeated, they are ``memory_bank``); files without them
+(mhpc/fit/state.py; the bank rows are not repeated, they are ``memory_bank``, except a k-means state's
+merged centroids, ``fit_state.bank.rows``); files without them
 load as before and only refuse ``update``.
 """
 
@@ -34,7 +35,8 @@ import mhpc
 from mhpc.core.backbones import state_fingerprint
 from mhpc.core.model_schema import check_config, check_state, check_tensors
 from mhpc.errors import MHPCError, ModelFileError, NotFittedError
-from mhpc.fit_state import FitState, has_fit_state
+from mhpc.fit.driver import finish_projection
+from mhpc.fit.state import FitState, has_fit_state
 from mhpc.keys import KEY_ENV, model_key, normalise_key  # noqa: F401 - re-exported for callers
 
 if TYPE_CHECKING:
@@ -108,7 +110,7 @@ def set_stage_tensors(model: "MHPatchCore", tensors: dict[str, torch.Tensor]) ->
         model.reduction_.set_state(tensors["pca_mean"], tensors["pca_components"])
     if "whiten_cholesky" in tensors:
         model.space_.set_state(tensors["whiten_mean"], tensors["whiten_cholesky"])
-    model._finish_projection()
+    finish_projection(model)
     return model
 
 
@@ -123,7 +125,9 @@ def save_model(model: "MHPatchCore", path: str | os.PathLike, keep_fit_state: bo
     _remove_stale_temp_files(target.parent)
     tensors = {"memory_bank": model.memory_bank_.detach().cpu().float().contiguous(), **stage_tensors(model)}
     if keep_fit_state and getattr(model, "fit_state_", None) is not None:
-        tensors.update(model.fit_state_.to_tensors(FIT_STATE_PREFIX, rows=False))
+        # The bank rows are written once: only a k-means state's merged centroids differ from the bank.
+        state = model.fit_state_
+        tensors.update(state.to_tensors(FIT_STATE_PREFIX, rows=state.bank.rows is not model.memory_bank_))
     state = {
         "grid_shape": list(model.grid_shape_),
         "n_train_images": model.n_train_images_,
@@ -220,7 +224,9 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     model.memory_bank_ = tensors["memory_bank"]
     if has_fit_state(tensors, FIT_STATE_PREFIX):
         try:
-            model.fit_state_ = FitState.from_tensors(tensors, FIT_STATE_PREFIX, rows=model.memory_bank_)
+            own_rows = f"{FIT_STATE_PREFIX}bank.rows" in tensors
+            model.fit_state_ = FitState.from_tensors(tensors, FIT_STATE_PREFIX,
+                                                     rows=None if own_rows else model.memory_bank_)
         except MHPCError as exc:
             raise ModelFileError(f"{file} has an unreadable fit state: {exc}") from None
     model.grid_shape_ = tuple(state["grid_shape"])

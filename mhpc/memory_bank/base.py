@@ -4,32 +4,31 @@ from __future__ import annotations
 
 import torch
 
-from mhpc.fit_state import BankState
+from mhpc.fit.state import BankState
 
 
 class MemoryBankStrategy:
-    """``run`` summarises all patches at once; ``partial_fit``/``finalize`` do it streaming.
-
-    ``run_state`` / ``state`` return the same result as a mergeable :class:`BankState`, and
-    ``resume(state)`` continues streaming from one (``update`` of a fitted model).
-    """
+    """One interface for every executor: ``partial_fit`` takes the projected patches chunk by chunk
+    (VANILLA's in-memory shard is one chunk), ``state`` returns what was accumulated as a mergeable
+    :class:`BankState` (shards merge with ``BankState.merge``), and ``finalize`` reduces the merged
+    state of all shards to the bank. ``resume(state)`` continues from a saved state (``update``)."""
 
     kind = ""
 
-    def run(self, features: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+    def partial_fit(self, features: torch.Tensor) -> "MemoryBankStrategy":  # pragma: no cover - interface
         raise NotImplementedError
 
-    def partial_fit(self, features: torch.Tensor) -> "MemoryBankStrategy":  # pragma: no cover
-        raise NotImplementedError
-
-    def finalize(self) -> torch.Tensor:  # pragma: no cover - interface
+    def state(self) -> BankState:  # pragma: no cover - interface
         raise NotImplementedError
 
     def resume(self, state: BankState) -> "MemoryBankStrategy":  # pragma: no cover - interface
         raise NotImplementedError
 
-    def run_state(self, features: torch.Tensor) -> BankState:
-        return BankState(self.kind, self.run(features))
+    def finalize(self, state: BankState, n_patches: int) -> BankState:
+        """The merged state of all shards (``n_patches`` patches in all) reduced to the bank."""
+        return state
 
-    def state(self) -> BankState:
-        return BankState(self.kind, self.finalize())
+    def carry(self, state: BankState, bank: BankState, n_patches: int) -> BankState:
+        """What the fit state keeps for ``update``: the bank itself, unless the strategy's merged state
+        says more than its bank (k-means)."""
+        return bank

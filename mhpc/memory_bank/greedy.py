@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mhpc.errors import MHPCError
-from mhpc.fit_state import BankState
+from mhpc.fit.state import BankState
 from mhpc.memory_bank.base import MemoryBankStrategy
 from mhpc.row_buffer import RowBuffer
 
@@ -58,7 +58,7 @@ def greedy_coreset_indices(
 class ApproximateGreedyCoreset(MemoryBankStrategy):
     """Keeps ``percentage`` of the patches by approximate greedy coreset selection.
 
-    Streaming (ONLINE): merge-and-reduce with one level. Patches are buffered into chunks of
+    Merge-and-reduce with one level (VANILLA's in-memory shard is one chunk). Patches are buffered into chunks of
     ``chunk_size`` rows, each chunk is reduced by the same greedy selection to ``percentage`` of
     its rows, and the reduced chunks are merged (concatenated) into the bank. This is a composable
     coreset: memory is the bank plus one chunk, whatever the dataset size, and the bank has the same
@@ -101,9 +101,6 @@ class ApproximateGreedyCoreset(MemoryBankStrategy):
         """Keeps ``percentage`` of the rows."""
         return self.reduce_to(features, max(1, int(features.shape[0] * self.percentage)), rng)
 
-    def run(self, features: torch.Tensor) -> torch.Tensor:
-        return self.select(features, np.random.default_rng(self.seed)).float()
-
     def partial_fit(self, features: torch.Tensor) -> "ApproximateGreedyCoreset":
         if not hasattr(self, "_buffer"):
             self._buffer = RowBuffer(self.chunk_size // 2)
@@ -132,12 +129,19 @@ class ApproximateGreedyCoreset(MemoryBankStrategy):
             idx = greedy_coreset_indices(work, rows, self.num_start_points, rng, self.progress)
         return features[torch.from_numpy(idx).to(features.device)]
 
-    def finalize(self) -> torch.Tensor:
+    def state(self) -> BankState:
+        """The reduced chunks so far (the last, partial chunk reduced too)."""
         if not hasattr(self, "_buffer"):
             raise MHPCError("the greedy coreset received no patches")
         rest = self._buffer.flush()
         if rest is not None and rest.shape[0]:
             self._reduced.append(self.select(rest, self._rng).cpu())
-        bank = torch.cat(self._reduced)
+        bank = torch.cat(self._reduced).float()
         del self._buffer, self._reduced, self._rng
-        return bank
+        return BankState(self.kind, bank)
+
+    def finalize(self, state: BankState, n_patches: int) -> BankState:
+        """Merged shard coresets reduced once more to the size one coreset of all ``n_patches`` has (a
+        no-op for one shard: its chunks were each reduced to ``percentage`` already)."""
+        state.rows = self.reduce_to(state.rows, max(1, int(n_patches * self.percentage)))
+        return state

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mhpc.errors import MHPCError
-from mhpc.fit_state import BankState
+from mhpc.fit.state import BankState
 from mhpc.memory_bank.base import MemoryBankStrategy
 
 
@@ -17,18 +17,15 @@ class KeepAll(MemoryBankStrategy):
         self._parts = [state.rows.float().cpu()]
         return self
 
-    def run(self, features: torch.Tensor) -> torch.Tensor:
-        return features.float()
-
     def partial_fit(self, features: torch.Tensor) -> "KeepAll":
         if not hasattr(self, "_parts"):
             self._parts: list[torch.Tensor] = []
         self._parts.append(features.float().cpu())
         return self
 
-    def finalize(self) -> torch.Tensor:
+    def state(self) -> BankState:
         if not getattr(self, "_parts", None):
             raise MHPCError("the memory bank received no patches")
         bank = torch.cat(self._parts)
         del self._parts
-        return bank
+        return BankState(self.kind, bank)

@@ -3,8 +3,6 @@ bit-identical scores and maps; the loaded model exports and the engine agrees wi
 save -> load works (or is refused in one line without fit state). Each preset, both embeddings, the
 24 combinations, whole-image and tiled preprocessing, with and without fit state and an HMAC key."""
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
@@ -12,20 +10,12 @@ from PIL import Image
 
 from conftest import assert_reloads_identically, assert_updates_and_reloads, tiny_model
 from mhpc.config import PRESETS
-from mhpc.core.mh_patch_core import (
-    MHPatchCore,
-    PatchCoreAggregation,
-    PatchCoreAlgorithm,
-    PatchCoreDistance,
-    PatchCoreFeatureReduction,
-)
+from mhpc.core.mh_patch_core import MHPatchCore, PatchCoreAggregation, PatchCoreAlgorithm
 from mhpc.data.datasets import FolderDataset, make_loader
 from mhpc.data.tiling import TiledDataset
 from mhpc.data.transforms import denormalize, make_preprocessing
 from mhpc.deploy import DeployedModel
 from mhpc.errors import MHPCError, ModelFileError
-
-COMBOS = list(itertools.product(PatchCoreAlgorithm, PatchCoreFeatureReduction, PatchCoreAggregation, PatchCoreDistance))
 
 
 def assert_engine_agrees(model, folder, images: torch.Tensor) -> None:

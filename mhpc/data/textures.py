@@ -10,7 +10,6 @@ in a cache folder; nothing else of the package is kept.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from mhpc.errors import MHPCError
+from mhpc.keys import file_sha256
 
 ETR_PACKAGE = "extremetuxracer-data"
 ETR_TERRAINS = "usr/share/games/etr/terrains"
@@ -32,10 +32,6 @@ ETR_TEXTURES: dict[str, tuple[str, str]] = {
 def texture_dir() -> Path:
     """Where the extracted files live: ``$MHPC_TEXTURES`` or ``~/.cache/mhpc/textures``."""
     return Path(os.environ.get("MHPC_TEXTURES") or Path.home() / ".cache" / "mhpc" / "textures")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def texture_path(name: str) -> Path:
@@ -56,7 +52,7 @@ def ensure_etr_textures(deb: str | os.PathLike | None = None, quiet: bool = Fals
     """
     target = texture_dir()
     wanted = {file: digest for file, digest in ETR_TEXTURES.values()}
-    if all((target / f).is_file() and _sha256(target / f) == d for f, d in wanted.items()):
+    if all((target / f).is_file() and file_sha256(target / f) == d for f, d in wanted.items()):
         return target
     with tempfile.TemporaryDirectory() as tmp:
         if deb is None:
@@ -82,7 +78,7 @@ def ensure_etr_textures(deb: str | os.PathLike | None = None, quiet: bool = Fals
         target.mkdir(parents=True, exist_ok=True)
         for file, digest in wanted.items():
             src = Path(tmp) / ETR_TERRAINS / file
-            if _sha256(src) != digest:
+            if file_sha256(src) != digest:
                 raise MHPCError(f"{file} from {deb} has an unexpected SHA-256 (expected {digest})")
             partial = target / (file + ".partial")
             shutil.copyfile(src, partial)

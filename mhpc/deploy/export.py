@@ -23,8 +23,9 @@ import numpy as np
 
 import mhpc
 from mhpc.deploy.contract import preprocessing_contract, sidecar_path, sidecar_text
-from mhpc.deploy.signing import file_sha256, write_pair
+from mhpc.deploy.signing import write_pair
 from mhpc.errors import MHPCError, NotFittedError
+from mhpc.keys import file_sha256
 
 PROTOBUF_LIMIT = 2**31 - 1
 OPSET = 17

@@ -19,20 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from mhpc.errors import MHPCError
-from mhpc.keys import KEY_ENV, model_key
+from mhpc.keys import KEY_ENV, file_sha256, model_key
 
 SIGNATURE_FIELDS = ("sha256", "hmac_sha256")
 OUTPUTS = (["scores", "maps"], ["scores", "maps", "is_anomaly"])
 FORMAT_KINDS = ("onnx", "openvino")
-_CHUNK = 1 << 20
 
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def companion_files(graph: Path, info: dict[str, Any]) -> dict[str, Path]:

@@ -7,7 +7,6 @@ HTTP layer (``mhpc.serve.app``) only moves bytes and JSON.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import os
 import tempfile
 import uuid
@@ -19,16 +18,10 @@ import numpy as np
 import torch
 
 from mhpc.errors import MHPCError
+from mhpc.keys import file_sha256
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_files(path: str | os.PathLike, engine: str) -> list[Path]:

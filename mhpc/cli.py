@@ -43,8 +43,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_preset(g) -> None:
-    g.add_argument("--preset", help="named configuration: paper (PatchCore), seed (the seed's proposal) or best "
-                                    "(the recommendation of ABLATION.md)")
+    g.add_argument("--preset", help="named configuration: paper (PatchCore), proposed (the seed's proposal; "
+                                    "formerly called seed) or best (the recommendation of ABLATION.md)")
 
 
 def _model_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -497,15 +497,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 def _cmd_ablation(args: argparse.Namespace) -> None:
     from mhpc.ablation import run_ablation, study_names
-    from mhpc.config import load_seeds, preset_params
+    from mhpc.config import load_seeds, preset_name, preset_params
     from mhpc.outputs import MARKER, output_folder, refuse_inputs_inside
     from mhpc.validation import check_batch_size
 
     batch_size = check_batch_size(args.batch_size)
-    base = preset_params(args.preset) if args.preset else None
+    preset = preset_name(args.preset) if args.preset else None  # an old name runs under its new one
+    base = preset_params(preset) if preset else None
     if args.configs is None and base is None:
         raise MHPCError("give --configs FILE (a study) or --preset NAME (one configuration)")
-    configs = args.configs if args.configs is not None else [{"name": args.preset}]
+    configs = args.configs if args.configs is not None else [{"name": preset}]
     study_names(configs, args.reference)  # names and --reference checked before --overwrite clears anything
     seeds = args.seeds or (load_seeds(args.configs) if args.configs else None) or []
     roots = {args.data.format(seed=s) for s in seeds} if "{seed}" in args.data and seeds else {args.data}
@@ -548,10 +549,10 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     ensure_mobilenet_v2_weights(quiet=True)
     from mhpc.outputs import output_folder
 
-    configs = [dict(name=name, preset=name, backbone="mobilenet_v2") for name in ("paper", "seed", "best")]
+    configs = [dict(name=name, preset=name, backbone="mobilenet_v2") for name in ("paper", "proposed", "best")]
     # The demo replaces its own earlier output (only a folder mhpc wrote; anything else is refused).
     with output_folder(args.out, overwrite=True) as out:
-        title = f"mhpc demo: the paper, seed and best presets on {', '.join(args.categories)} (synthetic textures)"
+        title = f"mhpc demo: the paper, proposed and best presets on {', '.join(args.categories)} (synthetic textures)"
         table = run_ablation(data, list(args.categories), configs, out, progress=not args.quiet, title=title)
     print(table)
     print(f"report: {Path(args.out) / 'report.html'}; demo wall time {time.perf_counter() - start:.0f} s")
@@ -562,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mhpc", description="PatchCore anomaly detection, flexible and memory-frugal.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="generate the synthetic benchmark, run the paper, seed and best presets, write the report")
+    p = sub.add_parser("demo", help="generate the synthetic benchmark, run the paper, proposed and best presets, "
+                                         "write the report")
     p.add_argument("--data", default=str(DEMO_DATA), help=f"benchmark folder (default {DEMO_DATA}; generated if absent)")
     p.add_argument("--out", default=str(DEMO_OUT), help=f"output folder (default {DEMO_OUT})")
     p.add_argument("--categories", nargs="+", default=["brick", "grass", "gravel"])

@@ -122,9 +122,9 @@ def test_demo_on_tiny_data(tmp_path, capsys):
             "--n-train", "4", "--n-test-good", "2", "--n-test-per-defect", "1", "--quiet"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert all(f"| {preset} | brick |" in printed for preset in ("paper", "seed", "best"))
+    assert all(f"| {preset} | brick |" in printed for preset in ("paper", "proposed", "best"))
     index = (tmp_path / "o" / "report.html").read_text()
-    assert "<title>mhpc demo: the paper, seed and best presets on brick" in index
+    assert "<title>mhpc demo: the paper, proposed and best presets on brick" in index
     assert all(note in index for note in ("PatchCore as published", "The seed&#x27;s proposal",
                                           "The recommendation of ABLATION.md"))
 
@@ -220,7 +220,7 @@ def _scores(folder):
     return {r["image_path"]: r for r in csv.DictReader(open(folder / "scores.csv"))}
 
 
-@pytest.mark.parametrize("preset", ["paper", "seed", "best"])
+@pytest.mark.parametrize("preset", ["paper", "proposed", "best"])
 def test_user_path_fit_predict_export_engine_update(user_folders, tmp_path, preset, capsys):
     from mhpc.core.mh_patch_core import MHPatchCore
 

@@ -104,21 +104,42 @@ def test_unknown_defect_kind_is_refused(tmp_path):
 
 # ------------------------------------------------------------------ presets
 def test_from_preset_and_overrides():
-    m = MHPatchCore.from_preset("seed", distance="EUCLIDEAN", num_nn=3)
+    m = MHPatchCore.from_preset("proposed", distance="EUCLIDEAN", num_nn=3)
     assert (m.algorithm, m.aggregation, m.feature_reduction, m.distance) == ("ONLINE", "KMEANS", "PCA", "EUCLIDEAN")
     assert m.num_nn == 3
     paper = MHPatchCore.from_preset("paper")
     assert (paper.algorithm, paper.aggregation, paper.feature_reduction, paper.distance) == (
         "VANILLA", "GREEDY", "NONE", "EUCLIDEAN")
-    assert set(PRESETS) == {"paper", "seed", "best"}
+    assert set(PRESETS) == {"paper", "proposed", "best"}
     with pytest.raises(MHPCError, match="'fastest'"):
         MHPatchCore.from_preset("fastest")
+
+
+def test_old_preset_name_seed_warns_once_and_means_proposed(monkeypatch, tmp_path):
+    import warnings
+
+    import mhpc.config as config
+    from mhpc.errors import MHPCWarning
+
+    monkeypatch.setattr(config, "_warned_aliases", set())  # as in a fresh process
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = MHPatchCore.from_preset("seed", num_nn=3)
+        again = config.preset_params("seed")
+        study = tmp_path / "s.yaml"
+        study.write_text("configs:\n  - {name: a, preset: seed}\n")
+        (entry,) = load_config_list(study)
+    said = [str(w.message) for w in caught if issubclass(w.category, MHPCWarning)]
+    assert said == ["preset 'seed' is now called 'proposed'; the old name will be removed"]
+    assert old.get_config() == MHPatchCore.from_preset("proposed", num_nn=3).get_config()
+    assert again == config.preset_params("proposed") == PRESETS["proposed"]
+    assert entry == {**PRESETS["proposed"], "name": "a"}
 
 
 def test_cli_preset_then_config_then_flags(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("agg: GREEDY\nnum_nn: 2\n")
-    args = build_parser().parse_args(["fit", "--preset", "seed", "--config", str(cfg), "--distance", "euclidean",
+    args = build_parser().parse_args(["fit", "--preset", "proposed", "--config", str(cfg), "--distance", "euclidean",
                                       "--out", "x", "--quiet"])
     c = _model_config(args)
     assert (c["algorithm"], c["feature_reduction"], c["aggregation"], c["distance"], c["num_nn"]) == (
@@ -134,7 +155,7 @@ def test_cli_unknown_preset_is_one_line_naming_it(tmp_path, capsys):
 
 def test_preset_inside_a_study_file(tmp_path):
     f = tmp_path / "s.yaml"
-    f.write_text("seeds: [1, 2]\nconfigs:\n  - {name: a, preset: seed, dist: EUCLIDEAN}\n  - {name: b, preset: paper}\n")
+    f.write_text("seeds: [1, 2]\nconfigs:\n  - {name: a, preset: proposed, dist: EUCLIDEAN}\n  - {name: b, preset: paper}\n")
     a, b = load_config_list(f)
     assert a["algorithm"] == "ONLINE" and a["distance"] == "EUCLIDEAN" and b == {**PRESETS["paper"], "name": "b"}
 
@@ -221,7 +242,7 @@ def test_shipped_study_files_cover_the_24_combinations_and_the_presets():
     axes = {(c["algorithm"], c["feature_reduction"], c["aggregation"], c["distance"]) for c in combos}
     assert len(combos) == len(axes) == 24 and load_seeds(files("mhpc") / "configs" / "combinations.yaml") == [0, 1, 2]
     presets = {c["name"]: c for c in load_config_list(files("mhpc") / "configs" / "presets.yaml")}
-    assert {"paper", "seed", "best"} <= set(presets) and presets["best"]["patch_embedding"] == PRESETS["best"]["patch_embedding"]
+    assert {"paper", "proposed", "best"} <= set(presets) and presets["best"]["patch_embedding"] == PRESETS["best"]["patch_embedding"]
     sweep = load_config_list(files("mhpc") / "configs" / "sweep.yaml")
     assert len({c["name"] for c in sweep}) == len(sweep)
     # round 2 of the sweep is centred on the preset it confirmed (ABLATION.md): they must not drift apart

@@ -170,7 +170,8 @@ class MHPatchCore:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "MHPatchCore":
-        """A model from a named preset (``paper``, ``seed``, ``best``); keyword arguments override it."""
+        """A model from a named preset (``paper``, ``proposed``, ``best``; the old name
+        ``seed`` warns and means ``proposed``); keyword arguments override it."""
         from mhpc.config import preset_params
 
         return cls(**{**preset_params(name), **overrides})

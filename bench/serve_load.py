@@ -58,7 +58,7 @@ def in_process(model: str, engine: str, images: list[Path], batch_size: int = 8)
     """`mhpc predict`'s scoring loop in this process: batch throughput and the engine's batch-1 time."""
     import torch
 
-    from mhpc.cli import load_scorer
+    from mhpc.prediction import load_scorer
     from mhpc.data.datasets import ImageFilesDataset
     from mhpc.data.tiling import score_dataset
 

@@ -350,3 +350,56 @@ def run_ablation(data_root: str | Path, categories: list[str] | None, configs: s
     title = title or f"mhpc ablation: {len(cfgs)} configurations on {', '.join(cats_run)}"
     write_summary_report(out / "report.html", table_rows, COLUMNS, links if report else {}, title, described)
     return table
+
+
+def run_study(data_root: str | Path, categories: list[str] | None, configs: str | Path | list[dict],
+              out_dir: str | Path, *, overwrite: bool = False, resume: bool = False,
+              reference: str | None = None, seeds: list[int] | None = None, **options: Any) -> str:
+    """``run_ablation`` into ``out_dir`` as `mhpc ablation` runs it: names and ``reference`` are checked
+    before anything is cleared; ``out_dir`` must not lie inside a benchmark; ``resume`` keeps the earlier
+    runs of this (mhpc-written) folder, ``overwrite`` starts afresh; a failed or interrupted study keeps
+    its finished runs (hours of work) and says that ``--resume`` continues it."""
+    from mhpc.outputs import MARKER, output_folder, refuse_inputs_inside
+
+    study_names(configs, reference)  # names and --reference checked before --overwrite clears anything
+    all_seeds = seeds or (load_seeds(configs) if isinstance(configs, (str, Path)) else None) or []
+    root = str(data_root)
+    roots = {root.format(seed=s) for s in all_seeds} if "{seed}" in root and all_seeds else {root}
+    refuse_inputs_inside(out_dir, sorted(roots), "benchmark")
+    out = Path(out_dir)
+    keep = tuple(p.name for p in out.iterdir() if p.name != MARKER) if resume and out.is_dir() else ()
+    opened = False
+    try:
+        with output_folder(out_dir, overwrite or resume, keep=keep, keep_written=True) as folder:
+            opened = True
+            return run_ablation(data_root, categories, configs, folder, seeds=seeds, reference=reference,
+                                resume=resume, **options)
+    except MHPCError as exc:
+        if opened and not isinstance(exc, ResumeError) and any(out.glob("**/metrics.json")):
+            raise MHPCError(f"{exc} (finished runs are kept in {out}: rerun with --resume to continue)") from None
+        raise
+
+
+DEMO_PRESETS = ("paper", "proposed", "best")
+
+
+def run_demo(data: str | Path, out_dir: str | Path, categories: list[str], n_train: int = 60,
+             n_test_good: int = 15, n_test_per_defect: int = 5, progress: bool = True,
+             announce: Any = print) -> str:
+    """`mhpc demo`: the synthetic benchmark in ``data`` (generated when absent), the three presets with
+    MobileNetV2 on each category, the table and the report in ``out_dir``. Returns the table."""
+    from mhpc.data.synthetic import generate_benchmark
+    from mhpc.outputs import output_folder
+    from mhpc.weights import ensure_mobilenet_v2_weights
+
+    data = Path(data)
+    if not (data / "meta.json").is_file():
+        announce(f"generating the synthetic texture benchmark in {data} ...")
+        generate_benchmark(data, tuple(categories), n_train, n_test_good, n_test_per_defect)
+    ensure_mobilenet_v2_weights(quiet=True)
+    configs = [dict(name=name, preset=name, backbone="mobilenet_v2") for name in DEMO_PRESETS]
+    # The demo replaces its own earlier output (only a folder mhpc wrote; anything else is refused).
+    with output_folder(out_dir, overwrite=True) as out:
+        title = (f"mhpc demo: the {', '.join(DEMO_PRESETS[:-1])} and {DEMO_PRESETS[-1]} presets on "
+                 f"{', '.join(categories)} (synthetic textures)")
+        return run_ablation(data, list(categories), configs, out, progress=progress, title=title)

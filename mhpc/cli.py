@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mhpc.data.catalog import ALL_DEFECT_KINDS, ALL_TEXTURES, DEFAULT_DIFFICULTY, DEFECT_KINDS
+from mhpc.data.holdout import MIN_HOLDOUT, MIN_HOLDOUT_SET
 from mhpc.errors import MHPCError
 
 DEMO_DATA = Path("demo_data")
@@ -33,13 +34,36 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", nargs="+", dest="embedding_layers", help="backbone layers (default: per backbone)")
     g.add_argument("--coreset-percentage", type=float)
     g.add_argument("--seed", type=int)
-    g.add_argument("--random-init", action="store_true", help="random backbone weights (for tests only)")
+    _add_random_init(g)
     g.add_argument("--weights", metavar="FILE",
                    help="the backbone's weights from a local state-dict file (.pth/.pt read with "
                         "torch.load(weights_only=True), or .safetensors) instead of torchvision's ImageNet download; "
                         "the model records the file's absolute path and its SHA-256, so keep it there")
-    g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--batch-size", type=int, default=8)
+    _add_device(g)
+    _add_batch_size(g)
+
+
+# Flags that several commands share are declared once, here.
+def _add_device(p, note: str = "") -> None:
+    p.add_argument("--device", default="cpu", help=f"cpu or cuda{note}")
+
+
+def _add_batch_size(p) -> None:
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (8)")
+
+
+def _add_random_init(p) -> None:
+    p.add_argument("--random-init", action="store_true", help="random backbone weights (for tests only)")
+
+
+def _add_good_images(p, what: str = "good") -> None:
+    p.add_argument("--data", help="MVTec AD layout root")
+    p.add_argument("--category", help="category folder under --data")
+    p.add_argument("--folder", help=f"a plain folder of {what} images instead of --data/--category")
+
+
+def _add_threshold_quantile(p) -> None:
+    p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
 
 
 def _add_preset(g) -> None:
@@ -162,15 +186,16 @@ def _preprocessing(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, A
 
 
 def _cmd_fit(args: argparse.Namespace) -> None:
-    from mhpc.core.model_file import MODEL_FILENAME
+    from mhpc.core.model_file import MODEL_FILENAME, save_model
     from mhpc.data.datasets import make_loader
+    from mhpc.data.holdout import check_holdout, good_images
     from mhpc.data.tiling import maybe_tiled
     from mhpc.evaluation import build_model
     from mhpc.outputs import output_folder, refuse_inputs_inside
     from mhpc.validation import check_batch_size
 
     # Everything is checked before any work, so a typo or a bad file never costs a whole fit.
-    _check_holdout(args)
+    check_holdout(args.holdout, args.threshold_quantile)
     if args.shards is not None and args.ray is None:
         raise MHPCError("--shards needs --ray")
     if args.shards is not None and args.shards < 1:
@@ -185,7 +210,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     pre = _preprocessing(args, cfg)
     model = build_model(cfg)
     model._validate()
-    full, fit_idx, hold_idx = _good_images(args, pre)
+    full, fit_idx, hold_idx = good_images(args.folder, args.data, args.category, pre, args.holdout)
     overlap = args.tile_overlap or 0
     fit_ds = maybe_tiled(full.subset(fit_idx), args.tile, overlap)
     refuse_inputs_inside(args.out, [s.image for s in full.samples], "training image")
@@ -202,7 +227,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         if hold_idx:
             _calibrate(model, maybe_tiled(full.subset(hold_idx), args.tile, overlap), batch_size,
                        args.threshold_quantile)
-        model.save(out)
+        save_model(model, out, key=args.key)
     tiles = f" ({len(fit_ds)} tiles)" if args.tile else ""
     print(f"fitted on {len(fit_idx)} images{tiles} in {time.perf_counter() - start:.1f} s; memory bank "
           f"{tuple(model.memory_bank_.shape)}; {_threshold_note(model)}; saved {Path(args.out) / MODEL_FILENAME}")
@@ -217,44 +242,6 @@ def _threshold_note(model: Any) -> str:
         return f"threshold {threshold:.4g}"
     return (f"threshold {threshold:.4g} ({stats['quantile']:g} quantile of {stats['count']} held-out good images; "
             f"it flags {stats['holdout_flagged']} of them: false-positive rate {stats['holdout_fpr']:.0%})")
-
-
-def _check_holdout(args: argparse.Namespace) -> None:
-    if not 0.0 <= args.holdout < 1.0:
-        raise MHPCError(f"--holdout must be in [0, 1), got {args.holdout}")
-    if not 0.0 < args.threshold_quantile <= 1.0:
-        raise MHPCError(f"--threshold-quantile must be in (0, 1], got {args.threshold_quantile}")
-
-
-MIN_HOLDOUT = 10  # held-out images for the threshold once the set has MIN_HOLDOUT_SET or more
-MIN_HOLDOUT_SET = 30
-
-
-def _good_images(args: argparse.Namespace, pre: dict[str, Any]):
-    """(validated dataset, indices to fit on, held-out indices for the threshold) from --folder or
-    --data/--category. Every k-th image is held out (deterministic, spread over the folder): the
-    --holdout fraction, at least one image, and at least MIN_HOLDOUT once the set has MIN_HOLDOUT_SET
-    or more (a 0.99 quantile of 4 scores is one image's score)."""
-    import torch
-
-    from mhpc.data.datasets import FolderDataset, MVTecDataset
-
-    if args.folder:
-        full = FolderDataset(args.folder, preprocessing=pre)
-    elif args.data and args.category:
-        full = MVTecDataset(args.data, args.category, "train", preprocessing=pre)
-    else:
-        raise MHPCError("give --data ROOT --category C (MVTec layout) or --folder DIR_OF_GOOD_IMAGES")
-    full.validate()
-    n = len(full)
-    n_hold = max(1, round(args.holdout * n)) if args.holdout > 0 else 0
-    if n_hold and n >= MIN_HOLDOUT_SET:
-        n_hold = max(n_hold, MIN_HOLDOUT)
-    if n - n_hold < 1:
-        raise MHPCError(f"need more training images: {n} found, {n_hold} held out for the threshold")
-    hold_idx = sorted(set(torch.linspace(0, n - 1, n_hold).round().long().tolist())) if n_hold else []
-    held = set(hold_idx)
-    return full, [i for i in range(n) if i not in held], hold_idx
 
 
 def _calibrate(model: Any, hold_ds: Any, batch_size: int, quantile: float) -> None:
@@ -282,26 +269,27 @@ def _cmd_update(args: argparse.Namespace) -> None:
 
 
 def _update(args: argparse.Namespace, file: Path) -> None:
-    from mhpc.core.mh_patch_core import MHPatchCore
-    from mhpc.core.model_file import MODEL_FILENAME, model_key
+    from mhpc.core.model_file import MODEL_FILENAME, load_model, save_model
     from mhpc.data.datasets import make_loader
+    from mhpc.data.holdout import check_holdout, good_images
     from mhpc.outputs import output_folder, probe_writable, refuse_inputs_inside
+    from mhpc.prediction import saved_preprocessing
     from mhpc.validation import check_batch_size
 
-    _check_holdout(args)
+    check_holdout(args.holdout, args.threshold_quantile)
     batch_size = check_batch_size(args.batch_size)
-    model = MHPatchCore.load(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, key=args.key)
     if getattr(model, "fit_state_", None) is None:
         raise MHPCError(f"{args.model} was saved without its fit state (keep_fit_state=False), so it cannot be "
                         "updated; refit it with mhpc fit")
-    if getattr(model, "signed_", False) and model_key() is None:
+    if getattr(model, "signed_", False) and args.key is None:
         raise MHPCError(f"{file} is signed (HMAC): updating it needs its key (--key-file or MHPC_MODEL_KEY), "
                         "so that the updated model is signed too")
     model.progress = not args.quiet
-    pre = _saved_preprocessing(model)
+    pre = saved_preprocessing(model)
     if pre.get("tile"):
         raise MHPCError(f"{args.model} was fitted on tiles; mhpc update reads whole images, so refit it with mhpc fit")
-    full, fit_idx, hold_idx = _good_images(args, pre)
+    full, fit_idx, hold_idx = good_images(args.folder, args.data, args.category, pre, args.holdout)
     if full.clipped_ and not args.allow_saturated:  # a clipped image is not a faithful good example
         raise MHPCError(f"{len(full.clipped_)} image(s) exceed the bit depth the model was fitted on and would be "
                         f"clipped, e.g. {full.clipped_[0]}; pass --allow-saturated to add them anyway")
@@ -311,7 +299,7 @@ def _update(args: argparse.Namespace, file: Path) -> None:
 
     def update_and_save(target: str | Path) -> Path:
         model.update(make_loader(full.subset(fit_idx), batch_size), hold, args.threshold_quantile)
-        return model.save(target)
+        return save_model(model, target, key=args.key)
 
     if args.out:
         refuse_inputs_inside(args.out, [s.image for s in full.samples], "training image")
@@ -327,85 +315,20 @@ def _update(args: argparse.Namespace, file: Path) -> None:
           f"{_threshold_note(model)} ({note}); saved {target}")
 
 
-def _saved_preprocessing(model: Any) -> dict[str, Any]:
-    """The preprocessing a loaded model was fitted with; models saved before it was recorded were fitted
-    with the MVTec protocol."""
-    from mhpc.data.transforms import make_preprocessing
-
-    return model.preprocessing_ or make_preprocessing(tuple(model.input_shape), "center")
-
-
-class _ExportedScorer:
-    """An exported graph (onnxruntime / OpenVINO) behind MHPatchCore's ``predict_images``, so the one
-    scoring loop (tiles included) and the one writer serve every engine."""
-
-    def __init__(self, path: str, engine: str) -> None:
-        from mhpc.data.transforms import check_preprocessing
-        from mhpc.deploy import DeployedModel
-
-        self.engine = DeployedModel(path, engine=engine)
-        self.threshold = self.engine.threshold
-        self.preprocessing = check_preprocessing(self.engine.preprocessing["mhpc_preprocessing"], f"{path}.json")
-
-    def predict_images(self, images):
-        import numpy as np
-
-        from mhpc.data.transforms import denormalize
-
-        # The graph takes uint8 pixels: the normalised tensors go back to exactly the uint8 pixels they were
-        # made from (mhpc.data.geometry prepares every image in uint8, normalisation is inverted by rounding).
-        result = self.engine.predict(np.stack([denormalize(img) for img in images]))
-        return result.scores.astype(np.float64), result.maps, result.is_anomaly  # the graph's own verdict
-
-
-def _exported_file(model: str, engine: str) -> str:
-    """--model of an exported engine: the file itself, or a folder holding exactly one export for it
-    (an .onnx file for onnxruntime; an .xml, else an .onnx file, for OpenVINO), each with its FILE.json."""
-    folder = Path(model)
-    if not folder.is_dir():
-        return model
-    suffixes = (".onnx",) if engine == "onnxruntime" else (".xml", ".onnx")
-    for suffix in suffixes:
-        found = sorted(f for f in folder.iterdir()
-                       if f.suffix == suffix and f.is_file() and f.with_name(f.name + ".json").is_file())
-        if len(found) == 1:
-            return str(found[0])
-        if found:
-            raise MHPCError(f"--model {model} holds {len(found)} {suffix} exports ({', '.join(f.name for f in found)}); "
-                            f"pass one of them as --model")
-    fmt = "onnx" if engine == "onnxruntime" else "openvino"
-    out = folder / ("model.onnx" if fmt == "onnx" else "model.xml")
-    raise MHPCError(f"--model {model} is a folder without an exported {'/'.join(suffixes)} model (FILE and FILE.json) "
-                    f"for --engine {engine}; export one first: mhpc export --model MODEL --format {fmt} --out {out}")
-
-
-def load_scorer(model: str, engine: str = "torch", device: str = "cpu",
-                progress: bool = False) -> tuple[Any, dict[str, Any], float | None]:
-    """(scorer with ``predict_images``, its preprocessing dict, its threshold) for a model folder (torch)
-    or a file from `mhpc export` (onnxruntime / openvino): what `mhpc predict` and `mhpc serve` score with."""
-    from mhpc.core.mh_patch_core import MHPatchCore
-
-    if engine == "torch":
-        scorer = MHPatchCore.load(model, device=device)
-        scorer.progress = progress
-        return scorer, _saved_preprocessing(scorer), getattr(scorer, "threshold_", None)
-    exported = _ExportedScorer(_exported_file(model, engine), engine)  # fed by the same dataset pipeline as torch
-    return exported, exported.preprocessing, exported.threshold
-
-
 def _cmd_predict(args: argparse.Namespace) -> None:
     from mhpc.core.model_file import resolve_model_path
     from mhpc.data.datasets import ImageFilesDataset
     from mhpc.data.tiling import TiledDataset, score_dataset
     from mhpc.outputs import output_folder, refuse_inputs_inside
-    from mhpc.prediction import PredictionWriter
+    from mhpc.prediction import PredictionWriter, load_scorer
     from mhpc.validation import check_batch_size
 
     batch_size = check_batch_size(args.batch_size)
     _check_ray_options(args)
     if args.engine != "torch" and args.ray is not None:
         raise MHPCError(f"--ray scores with the torch engine; --engine {args.engine} runs in this process")
-    model, pre, threshold = load_scorer(args.model, args.engine, args.device, progress=not args.quiet)
+    model, pre, threshold = load_scorer(args.model, args.engine, args.device, progress=not args.quiet,
+                                        key=args.key)
     if args.ray is not None and pre.get("tile"):
         raise MHPCError("--ray cannot score a tiled model: Ray scoring reads whole images")
     base = ImageFilesDataset(args.images, preprocessing=pre).validate()
@@ -419,7 +342,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             from mhpc.distributed import predict_distributed
 
             predict_distributed(args.model, base.preprocessing, paths, writer, ray_address=args.ray or None,
-                                batch_size=batch_size, progress=not args.quiet, ray_timeout=_ray_timeout(args))
+                                batch_size=batch_size, progress=not args.quiet, ray_timeout=_ray_timeout(args),
+                                key=args.key)
         else:
             from tqdm.auto import tqdm
 
@@ -434,15 +358,16 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from mhpc.core.mh_patch_core import MHPatchCore
+    from mhpc.core.model_file import load_model
 
     mb = args.max_search_mb
     if mb is not None and not (math.isfinite(mb) and mb * 2**20 >= 1):  # nan, inf, 0 and below refused here
         raise MHPCError(f"--max-search-mb must be a positive number of MiB, got {args.max_search_mb}")
-    model = MHPatchCore.load(args.model)  # checks the file's SHA-256 before anything is exported
+    model = load_model(args.model, key=args.key)  # checks the file's SHA-256 before anything is exported
     model.progress = not args.quiet
     max_bytes = None if args.max_search_mb is None else int(args.max_search_mb * 2**20)
-    path = model.export(args.out, format=args.format, head=args.head, max_intermediate_bytes=max_bytes)
+    path = model.export(args.out, format=args.format, head=args.head, max_intermediate_bytes=max_bytes,
+                        key=args.key)
     print(f"exported {args.model} as {args.format} to {path} (+ {path.name}.json: input and resize contract, "
           "SHA-256 of the graph files)")
 
@@ -456,7 +381,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     token = None
     if args.admin_token_file:
-        token = _read_key_file(args.admin_token_file, "--admin-token-file")
+        token = os.fsdecode(_read_key_file(args.admin_token_file, "--admin-token-file"))
     elif not is_loopback(args.host):
         print(f"mhpc serve: warning: binding to {args.host} without --admin-token-file: /admin/reload is off "
               "(file watching and SIGHUP still reload)", file=sys.stderr)
@@ -467,7 +392,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     settings = ServeSettings(model=args.model, engine=args.engine, device=args.device, name=args.name, host=args.host,
                              max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
                              timeout_s=args.timeout_s, max_upload_mb=args.max_upload_mb, admin_token=token,
-                             watch_s=args.watch_s).check()
+                             watch_s=args.watch_s, key=args.key).check()
     announce = lambda line: print(line, flush=True)  # noqa: E731
     if args.ray is not None:
         from mhpc.distributed import import_ray
@@ -496,9 +421,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_ablation(args: argparse.Namespace) -> None:
-    from mhpc.ablation import run_ablation, study_names
-    from mhpc.config import load_seeds, preset_name, preset_params
-    from mhpc.outputs import MARKER, output_folder, refuse_inputs_inside
+    from mhpc.ablation import run_study
+    from mhpc.config import preset_name, preset_params
     from mhpc.validation import check_batch_size
 
     batch_size = check_batch_size(args.batch_size)
@@ -507,28 +431,10 @@ def _cmd_ablation(args: argparse.Namespace) -> None:
     if args.configs is None and base is None:
         raise MHPCError("give --configs FILE (a study) or --preset NAME (one configuration)")
     configs = args.configs if args.configs is not None else [{"name": preset}]
-    study_names(configs, args.reference)  # names and --reference checked before --overwrite clears anything
-    seeds = args.seeds or (load_seeds(args.configs) if args.configs else None) or []
-    roots = {args.data.format(seed=s) for s in seeds} if "{seed}" in args.data and seeds else {args.data}
-    refuse_inputs_inside(args.out, sorted(roots), "benchmark")
-    # --resume keeps the earlier runs of this (mhpc-written) folder; --overwrite starts afresh.
-    out_dir = Path(args.out)
-    keep = tuple(p.name for p in out_dir.iterdir() if p.name != MARKER) if args.resume and out_dir.is_dir() else ()
-    # A failed or interrupted study keeps its finished runs (hours of work): --resume continues it.
-    opened = False
-    try:
-        with output_folder(args.out, args.overwrite or args.resume, keep=keep, keep_written=True) as out:
-            opened = True
-            table = run_ablation(args.data, args.categories, configs, out, args.device, batch_size,
-                                 progress=not args.quiet, overrides=_overrides(args), seeds=args.seeds,
-                                 reference=args.reference, report=not args.no_report, resume=args.resume, base=base,
-                                 crop=args.crop)
-    except MHPCError as exc:
-        from mhpc.ablation import ResumeError
-
-        if opened and not isinstance(exc, ResumeError) and any(out_dir.glob("**/metrics.json")):
-            raise MHPCError(f"{exc} (finished runs are kept in {out_dir}: rerun with --resume to continue)") from None
-        raise
+    table = run_study(args.data, args.categories, configs, args.out, overwrite=args.overwrite, resume=args.resume,
+                      reference=args.reference, seeds=args.seeds, device=args.device, batch_size=batch_size,
+                      progress=not args.quiet, overrides=_overrides(args), report=not args.no_report, base=base,
+                      crop=args.crop)
     print(table)
 
 
@@ -537,23 +443,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from mhpc.ablation import run_ablation
-    from mhpc.data.synthetic import generate_benchmark
-    from mhpc.weights import ensure_mobilenet_v2_weights
+    from mhpc.ablation import run_demo
 
     start = time.perf_counter()
-    data = Path(args.data)
-    if not (data / "meta.json").is_file():
-        print(f"generating the synthetic texture benchmark in {data} ...", flush=True)
-        generate_benchmark(data, tuple(args.categories), args.n_train, args.n_test_good, args.n_test_per_defect)
-    ensure_mobilenet_v2_weights(quiet=True)
-    from mhpc.outputs import output_folder
-
-    configs = [dict(name=name, preset=name, backbone="mobilenet_v2") for name in ("paper", "proposed", "best")]
-    # The demo replaces its own earlier output (only a folder mhpc wrote; anything else is refused).
-    with output_folder(args.out, overwrite=True) as out:
-        title = f"mhpc demo: the paper, proposed and best presets on {', '.join(args.categories)} (synthetic textures)"
-        table = run_ablation(data, list(args.categories), configs, out, progress=not args.quiet, title=title)
+    table = run_demo(args.data, args.out, args.categories, args.n_train, args.n_test_good, args.n_test_per_defect,
+                     progress=not args.quiet, announce=lambda line: print(line, flush=True))
     print(table)
     print(f"report: {Path(args.out) / 'report.html'}; demo wall time {time.perf_counter() - start:.0f} s")
 
@@ -575,15 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("fit", help="fit a model on good images and save it with a calibrated threshold")
-    p.add_argument("--data", help="MVTec AD layout root")
-    p.add_argument("--category", help="category folder under --data")
-    p.add_argument("--folder", help="a plain folder of good images instead of --data/--category")
+    _add_good_images(p)
     p.add_argument("--out", required=True, help="model folder to write (model.safetensors)")
     p.add_argument("--holdout", type=float, default=0.1,
                    help=f"fraction of the good images held out (not fitted on) to set the threshold (0.1); at least "
                         f"{MIN_HOLDOUT} images once there are {MIN_HOLDOUT_SET} or more, at least 1 below; 0: no "
                         "threshold. fit prints how many held-out images the threshold flags")
-    p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
+    _add_threshold_quantile(p)
     _add_ray_option(p)
     p.add_argument("--shards", type=int, help="with --ray: number of path shards (default: the cluster's CPUs)")
     _add_model_options(p)
@@ -599,18 +491,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("update", help="add new good images to a fitted model (statistics merged, bank extended)")
     p.add_argument("--model", required=True, help="model folder or .safetensors file saved with its fit state")
-    p.add_argument("--data", help="MVTec AD layout root")
-    p.add_argument("--category", help="category folder under --data")
-    p.add_argument("--folder", help="a plain folder of new good images instead of --data/--category")
+    _add_good_images(p, "new good")
     p.add_argument("--out", help="where to write the updated model (default: atomically over --model)")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of the new images held out to recalibrate the threshold (0: keep the threshold); "
                         f"at least {MIN_HOLDOUT} images once there are {MIN_HOLDOUT_SET} or more new ones")
-    p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
+    _add_threshold_quantile(p)
     p.add_argument("--allow-saturated", action="store_true",
                    help="add 16-bit images whose values exceed the model's bit depth (clipped); refused otherwise")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=8)
+    _add_device(p)
+    _add_batch_size(p)
     _add_overwrite(p)
     _add_key_file(p)
     _add_quiet(p)
@@ -629,8 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "test/defect). maps/ and overlays/ mirror the inputs' folders (maps/good/000.npy, "
                         "maps/defect/000.npy), so equal file names in different folders never overwrite each other")
     p.add_argument("--out", required=True)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=8)
+    _add_device(p)
+    _add_batch_size(p)
     _add_overwrite(p)
     _add_key_file(p)
     _add_ray_option(p)
@@ -656,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder or .safetensors file (torch), or a file from "
                                                   "`mhpc export` (.onnx / .xml with its .json)")
     p.add_argument("--engine", choices=["torch", "onnxruntime", "openvino"], default="torch")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (torch engine)")
+    _add_device(p, " (torch engine)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
     p.add_argument("--name", help="the model's name in the protocol (default: the folder's name or the file's stem)")
@@ -703,9 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'crop:' entry wins, so one study can compare both (default center)")
     p.add_argument("--no-report", action="store_true", help="skip the per-run HTML reports")
     p.add_argument("--out", required=True)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--random-init", action="store_true", help="random backbone weights (for tests only)")
+    _add_device(p)
+    _add_batch_size(p)
+    _add_random_init(p)
     _add_overwrite(p)
     _add_quiet(p)
     p.set_defaults(func=_cmd_ablation)
@@ -766,14 +656,22 @@ def _interrupt(signum, frame):  # SIGTERM is handled like Ctrl-C: clean up, exit
     raise KeyboardInterrupt
 
 
-def _read_key_file(path: str, flag: str = "--key-file") -> str:
+def _read_key_file(path: str, flag: str = "--key-file") -> bytes:
     from mhpc.keys import normalise_key
 
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise MHPCError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
-    return os.fsdecode(normalise_key(raw, f"{flag} {path}"))
+    return normalise_key(raw, f"{flag} {path}")
+
+
+def _model_key(args: argparse.Namespace) -> bytes | None:
+    """The HMAC key a command signs or checks with: --key-file, else MHPC_MODEL_KEY (None when neither);
+    read once here and passed down, never put into the environment."""
+    from mhpc.keys import model_key
+
+    return _read_key_file(args.key_file) if args.key_file else model_key()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -782,13 +680,12 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)  # --help and argument errors exit here, before torch is imported
-    from mhpc.keys import KEY_ENV
-    saved_key, saved_show = os.environ.get(KEY_ENV), warnings.showwarning
+    saved_show = warnings.showwarning
     saved_term = signal.signal(signal.SIGTERM, _interrupt)
     warnings.showwarning = _one_line_warnings(args.command)
     try:
-        if getattr(args, "key_file", None):
-            os.environ[KEY_ENV] = _read_key_file(args.key_file)
+        if hasattr(args, "key_file"):
+            args.key = _model_key(args)
         args.func(args)
     except MHPCError as exc:
         print(f"mhpc {args.command}: error: {exc}", file=sys.stderr)
@@ -803,10 +700,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, saved_term)
         warnings.showwarning = saved_show
-        if saved_key is None:
-            os.environ.pop(KEY_ENV, None)
-        else:
-            os.environ[KEY_ENV] = saved_key
     return 0
 
 

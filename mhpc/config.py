@@ -68,7 +68,7 @@ def describe_config(cfg: dict[str, Any], name: str | None = None) -> str:
     return text
 
 
-# Old preset names, still accepted with a warning: ``seed`` was ``proposed`` until issue 16 (it read like
+# Old preset names, still accepted with a warning: ``proposed`` was called ``seed`` until issue 16 (it read like
 # the random seed or ``--seeds``).
 PRESET_ALIASES = {"seed": "proposed"}
 _warned_aliases: set[str] = set()

@@ -17,9 +17,9 @@ results in shard order, not completion order. A task whose worker dies is re-run
 
 Scoring (``predict_distributed``; ``mhpc predict --ray``): Ray Data over (index, path) rows and
 ``map_batches`` with a pool of scorer actors. The model file's bytes go into the object store once;
-each actor loads them through ``MHPatchCore.load`` (the same integrity and backbone checks as a
-local load). Results carry the row index, and ``mhpc.prediction.PredictionWriter`` writes the same
-files as the single-process command, in input order.
+each actor loads them through ``load_model`` with the caller's key (the same integrity, signature and
+backbone checks as a local load). Results carry the row index, and ``mhpc.prediction.PredictionWriter``
+writes the same files as the single-process command, in input order.
 """
 
 from __future__ import annotations
@@ -158,15 +158,15 @@ def image_batches(paths: Sequence[str], preprocessing: dict[str, Any], batch_siz
 class _BatchScorer:
     """One Ray Data actor: loads the model once, then scores batches of (index, path) rows."""
 
-    def __init__(self, model_blob: list, preprocessing: dict[str, Any]) -> None:
-        from mhpc.core.mh_patch_core import MHPatchCore
+    def __init__(self, model_blob: list, preprocessing: dict[str, Any], key: bytes | None = None) -> None:
+        from mhpc.core.model_file import load_model
 
         ray = import_ray()
         blob = ray.get(model_blob[0])  # wrapped in a list so Ray Data passes the reference, not a copy
         with tempfile.TemporaryDirectory() as tmp:
             file = Path(tmp) / "model.safetensors"
             file.write_bytes(blob)
-            self.model = MHPatchCore.load(file, device="cpu")
+            self.model = load_model(file, device="cpu", key=key)
         self.model.progress = False
         self.preprocessing = preprocessing
 
@@ -183,9 +183,10 @@ class _BatchScorer:
 def predict_distributed(model_path: str | os.PathLike, preprocessing: dict[str, Any], paths: Sequence[str],
                         writer: "PredictionWriter", ray_address: str | None = None, batch_size: int = 8,
                         num_workers: int | None = None, progress: bool = True,
-                        ray_timeout: float = DEFAULT_RAY_TIMEOUT) -> None:
+                        ray_timeout: float = DEFAULT_RAY_TIMEOUT, key: bytes | None = None) -> None:
     """Scores ``paths`` on Ray with the saved model at ``model_path`` (already loaded once by the caller,
-    which checked it); ``writer`` gets every result."""
+    which checked it); ``writer`` gets every result. ``key``: the HMAC key each actor checks the model
+    with (default: the actor's ``MHPC_MODEL_KEY``, if set)."""
     from mhpc.core.model_file import resolve_model_path
 
     file = resolve_model_path(model_path)
@@ -198,7 +199,7 @@ def predict_distributed(model_path: str | os.PathLike, preprocessing: dict[str, 
         blob = ray.put(file.read_bytes())
         rows = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(paths)])
         scored = rows.map_batches(
-            _BatchScorer, fn_constructor_args=([blob], dict(preprocessing)), batch_size=batch_size, batch_format="numpy",
+            _BatchScorer, fn_constructor_args=([blob], dict(preprocessing), key), batch_size=batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=min(workers, len(paths))), num_cpus=1,
         )
         for batch in scored.iter_batches(batch_size=batch_size, batch_format="numpy"):

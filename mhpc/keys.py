@@ -28,6 +28,12 @@ def model_key() -> bytes | None:
     return normalise_key(os.fsencode(key), KEY_ENV) if key else None
 
 
+def resolve_key(key: bytes | None) -> bytes | None:
+    """``key`` as given (the CLI reads ``--key-file`` or ``MHPC_MODEL_KEY`` once and passes it down; an
+    empty key means none), or, when None, the key from ``MHPC_MODEL_KEY`` (the Python API's default)."""
+    return model_key() if key is None else (key or None)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 hex digest of a file, read in 1 MiB blocks (a graph or weights file may be large)."""
     h = hashlib.sha256()

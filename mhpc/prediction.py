@@ -12,11 +12,15 @@ at full resolution. A centre-cropped model (``crop="center"``) never saw the bor
 overlay stay those of the centre crop at the input size.
 Rows are keyed by the image's index in the input list and written in that order, whatever order the
 results arrive in; ``scores.csv`` is written atomically, last.
+
+``load_scorer`` gives what `mhpc predict` and `mhpc serve` score with: a saved model (torch) or a file from
+`mhpc export` (onnxruntime / OpenVINO) behind the same ``predict_images``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -92,3 +96,68 @@ class PredictionWriter:
         rows = [self.rows[i] for i in range(len(self.paths))]
         atomic_write_csv(self.out / "scores.csv", COLUMNS, rows)
         return rows
+
+
+def saved_preprocessing(model: Any) -> dict[str, Any]:
+    """The preprocessing a loaded model was fitted with; models saved before it was recorded were fitted
+    with the MVTec protocol."""
+    from mhpc.data.transforms import make_preprocessing
+
+    return model.preprocessing_ or make_preprocessing(tuple(model.input_shape), "center")
+
+
+class ExportedScorer:
+    """An exported graph (onnxruntime / OpenVINO) behind MHPatchCore's ``predict_images``, so the one
+    scoring loop (tiles included) and the one writer serve every engine."""
+
+    def __init__(self, path: str, engine: str, key: bytes | None = None) -> None:
+        from mhpc.data.transforms import check_preprocessing
+        from mhpc.deploy import DeployedModel
+
+        self.engine = DeployedModel(path, engine=engine, key=key)
+        self.threshold = self.engine.threshold
+        self.preprocessing = check_preprocessing(self.engine.preprocessing["mhpc_preprocessing"], f"{path}.json")
+
+    def predict_images(self, images):
+        from mhpc.data.transforms import denormalize
+
+        # The graph takes uint8 pixels: the normalised tensors go back to exactly the uint8 pixels they were
+        # made from (mhpc.data.geometry prepares every image in uint8, normalisation is inverted by rounding).
+        result = self.engine.predict(np.stack([denormalize(img) for img in images]))
+        return result.scores.astype(np.float64), result.maps, result.is_anomaly  # the graph's own verdict
+
+
+def exported_file(model: str, engine: str) -> str:
+    """--model of an exported engine: the file itself, or a folder holding exactly one export for it
+    (an .onnx file for onnxruntime; an .xml, else an .onnx file, for OpenVINO), each with its FILE.json."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return model
+    suffixes = (".onnx",) if engine == "onnxruntime" else (".xml", ".onnx")
+    for suffix in suffixes:
+        found = sorted(f for f in folder.iterdir()
+                       if f.suffix == suffix and f.is_file() and f.with_name(f.name + ".json").is_file())
+        if len(found) == 1:
+            return str(found[0])
+        if found:
+            raise MHPCError(f"--model {model} holds {len(found)} {suffix} exports ({', '.join(f.name for f in found)}); "
+                            f"pass one of them as --model")
+    fmt = "onnx" if engine == "onnxruntime" else "openvino"
+    out = folder / ("model.onnx" if fmt == "onnx" else "model.xml")
+    raise MHPCError(f"--model {model} is a folder without an exported {'/'.join(suffixes)} model (FILE and FILE.json) "
+                    f"for --engine {engine}; export one first: mhpc export --model MODEL --format {fmt} --out {out}")
+
+
+def load_scorer(model: str, engine: str = "torch", device: str = "cpu", progress: bool = False,
+                key: bytes | None = None) -> tuple[Any, dict[str, Any], float | None]:
+    """(scorer with ``predict_images``, its preprocessing dict, its threshold) for a model folder (torch)
+    or a file from `mhpc export` (onnxruntime / openvino): what `mhpc predict` and `mhpc serve` score with.
+    ``key``: the HMAC key the model must be signed with (default: ``MHPC_MODEL_KEY``, if set)."""
+    if engine == "torch":
+        from mhpc.core.model_file import load_model
+
+        scorer = load_model(model, device=device, key=key)
+        scorer.progress = progress
+        return scorer, saved_preprocessing(scorer), getattr(scorer, "threshold_", None)
+    exported = ExportedScorer(exported_file(model, engine), engine, key)  # fed by the same dataset pipeline as torch
+    return exported, exported.preprocessing, exported.threshold

@@ -37,7 +37,7 @@ from mhpc.core.model_schema import check_config, check_state, check_tensors
 from mhpc.errors import MHPCError, ModelFileError, NotFittedError
 from mhpc.fit.driver import finish_projection
 from mhpc.fit.state import FitState, has_fit_state
-from mhpc.keys import KEY_ENV, model_key, normalise_key  # noqa: F401 - re-exported for callers
+from mhpc.keys import KEY_ENV, model_key, normalise_key, resolve_key  # noqa: F401 - re-exported for callers
 
 if TYPE_CHECKING:
     from mhpc.core.mh_patch_core import MHPatchCore
@@ -114,7 +114,9 @@ def set_stage_tensors(model: "MHPatchCore", tensors: dict[str, torch.Tensor]) ->
     return model
 
 
-def save_model(model: "MHPatchCore", path: str | os.PathLike, keep_fit_state: bool = True) -> Path:
+def save_model(model: "MHPatchCore", path: str | os.PathLike, keep_fit_state: bool = True,
+               key: bytes | None = None) -> Path:
+    """Writes ``model`` to ``path`` atomically, signed with ``key`` (default: ``MHPC_MODEL_KEY``, if set)."""
     if not getattr(model, "is_fitted_", False):
         raise NotFittedError("cannot save an unfitted MHPatchCore")
     target = resolve_save_path(path)
@@ -143,7 +145,7 @@ def save_model(model: "MHPatchCore", path: str | os.PathLike, keep_fit_state: bo
         "config": json.dumps(model.get_config(), sort_keys=True),
         "state": json.dumps(state, sort_keys=True),
     }
-    key = model_key()
+    key = resolve_key(key)
     if key is None and getattr(model, "signed_", False):
         raise ModelFileError(f"cannot save to {target}: the model comes from a signed file, and without its key "
                              f"({KEY_ENV} / --key-file) it would be saved unsigned")
@@ -172,7 +174,10 @@ def save_model(model: "MHPatchCore", path: str | os.PathLike, keep_fit_state: bo
     return target
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str | None = None) -> "MHPatchCore":
+def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
+               key: bytes | None = None) -> "MHPatchCore":
+    """The model saved at ``path``, checked before use; its HMAC is checked with ``key`` (default:
+    ``MHPC_MODEL_KEY``, if set)."""
     from mhpc.core.mh_patch_core import MHPatchCore
 
     file = resolve_model_path(path)
@@ -196,7 +201,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     claimed_hmac = meta.pop("hmac_sha256", None)
     if claimed != _digest(tensors, meta):
         raise ModelFileError(f"{file} failed its integrity check: its contents were modified after saving")
-    key = model_key()
+    key = resolve_key(key)
     if key and not (isinstance(claimed_hmac, str)
                     and hmac.compare_digest(claimed_hmac, _digest(tensors, meta, key))):
         raise ModelFileError(f"{file} is not signed with the configured model key ({KEY_ENV} / --key-file): "

@@ -56,16 +56,17 @@ def sidecar_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def sidecar_text(info: dict[str, Any]) -> str:
-    """The sidecar's JSON: format header, ``info``, and its signature (``mhpc.deploy.signing``)."""
+def sidecar_text(info: dict[str, Any], key: bytes | None = None) -> str:
+    """The sidecar's JSON: format header, ``info``, and its signature (``mhpc.deploy.signing``; ``key``:
+    the HMAC key, default ``MHPC_MODEL_KEY``)."""
     from mhpc.deploy.signing import sign_sidecar
 
-    return json.dumps(sign_sidecar({"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, **info}), indent=2)
+    return json.dumps(sign_sidecar({"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, **info}, key), indent=2)
 
 
-def read_sidecar(path: str | Path) -> dict[str, Any]:
+def read_sidecar(path: str | Path, key: bytes | None = None) -> dict[str, Any]:
     """The sidecar of the exported graph ``path``, checked before anything is loaded: its own SHA-256,
-    its HMAC when a key is set, the graph files' SHA-256, then its schema. One-line errors."""
+    its HMAC when a key is set (``key``, default ``MHPC_MODEL_KEY``), the graph files' SHA-256, then its schema. One-line errors."""
     from mhpc.deploy.signing import check_sidecar, verify_sidecar
 
     target = sidecar_path(path)
@@ -80,7 +81,7 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     if info.get("format_version") != SIDECAR_VERSION:
         raise MHPCError(f"{target} has mhpc-deploy version {info.get('format_version')!r}; this mhpc reads version "
                         f"{SIDECAR_VERSION} (signed): export the model again")
-    verify_sidecar(info, target, Path(path))
+    verify_sidecar(info, target, Path(path), key)
     return check_sidecar(info, target, Path(path))
 
 

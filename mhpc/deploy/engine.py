@@ -41,15 +41,15 @@ class DeployedModel:
     (by suffix: .onnx -> onnxruntime, .xml -> openvino; an .onnx file also runs in OpenVINO).
 
     Before the graph is loaded, the description is verified (``mhpc.deploy.signing``): its own SHA-256,
-    its HMAC when ``MHPC_MODEL_KEY`` is set, the SHA-256 of the graph files, its schema. The verdict
+    its HMAC when a key is set (``key``, default ``MHPC_MODEL_KEY``), the SHA-256 of the graph files, its schema. The verdict
     ``is_anomaly`` is the graph's own output, not recomputed from the JSON's threshold."""
 
     def __init__(self, path: str | os.PathLike, engine: str = "auto", threads: int | None = None,
-                 spin: bool = True) -> None:
+                 spin: bool = True, key: bytes | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise MHPCError(f"exported model not found: {self.path}")
-        self.info = read_sidecar(self.path)
+        self.info = read_sidecar(self.path, key)
         if engine == "auto":
             engine = "openvino" if self.path.suffix == ".xml" else "onnxruntime"
         if engine not in ENGINES:

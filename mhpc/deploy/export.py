@@ -73,11 +73,13 @@ def export_model(
     max_intermediate_bytes: int | None = None,
     reference_batch: int | None = None,
     external_data: bool | None = None,
+    key: bytes | None = None,
 ) -> Path:
     """Writes ``path`` (.onnx, or OpenVINO .xml + .bin) and ``path.json`` (input, resize contract, outputs,
     threshold, search chunking, and the SHA-256 of every graph file, signed: ``mhpc.deploy.signing``).
     Everything is written under temporary names first; the graph files are renamed into place, then the
-    sidecar last. Returns the written model path."""
+    sidecar last. ``key``: the HMAC key that signs it (default: ``MHPC_MODEL_KEY``, if set). Returns the
+    written model path."""
     import torch
 
     from mhpc.deploy.graph import DEFAULT_MAX_INTERMEDIATE_BYTES, DEFAULT_REFERENCE_BATCH, DeployGraph
@@ -158,7 +160,7 @@ def export_model(
         }
         if external:
             info["external_data_file"] = target.name + ".data"
-        write_pair(staged, sidecar_text(info), target, sidecar_path(target))
+        write_pair(staged, sidecar_text(info, key), target, sidecar_path(target))
     if not external and fmt == "onnx":
         target.with_name(target.name + ".data").unlink(missing_ok=True)  # an earlier export's external data
     return target

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mhpc.errors import MHPCError
-from mhpc.keys import KEY_ENV, file_sha256, model_key
+from mhpc.keys import KEY_ENV, file_sha256, resolve_key
 
 SIGNATURE_FIELDS = ("sha256", "hmac_sha256")
 OUTPUTS = (["scores", "maps"], ["scores", "maps", "is_anomaly"])
@@ -44,8 +44,8 @@ def _canonical(info: dict[str, Any]) -> bytes:
 
 
 def sign_sidecar(info: dict[str, Any], key: bytes | None = None) -> dict[str, Any]:
-    """``info`` with its ``sha256`` (and ``hmac_sha256`` with a key; default: ``model_key()``)."""
-    key = model_key() if key is None else key
+    """``info`` with its ``sha256`` (and ``hmac_sha256`` with a key; default: ``MHPC_MODEL_KEY``, if set)."""
+    key = resolve_key(key)
     body = _canonical(info)
     signed = {k: v for k, v in info.items() if k not in SIGNATURE_FIELDS}
     signed["sha256"] = hashlib.sha256(body).hexdigest()
@@ -54,15 +54,16 @@ def sign_sidecar(info: dict[str, Any], key: bytes | None = None) -> dict[str, An
     return signed
 
 
-def verify_sidecar(info: dict[str, Any], sidecar: Path, graph: Path) -> None:
-    """The sidecar's own hash and HMAC, then every graph file's hash: one-line errors naming the file."""
+def verify_sidecar(info: dict[str, Any], sidecar: Path, graph: Path, key: bytes | None = None) -> None:
+    """The sidecar's own hash and HMAC (with ``key``; default: ``MHPC_MODEL_KEY``, if set), then every graph
+    file's hash: one-line errors naming the file."""
     try:
         body = _canonical(info)
     except ValueError as exc:  # NaN / Infinity in the JSON
         raise MHPCError(f"{sidecar} is not a valid mhpc-deploy description: {exc}") from None
     if not (isinstance(info.get("sha256"), str) and hmac.compare_digest(info["sha256"], hashlib.sha256(body).hexdigest())):
         raise MHPCError(f"{sidecar} failed its integrity check: it was modified after `mhpc export` wrote it")
-    key = model_key()
+    key = resolve_key(key)
     claimed = info.get("hmac_sha256")
     if key and not (isinstance(claimed, str)
                     and hmac.compare_digest(claimed, hmac.new(key, body, hashlib.sha256).hexdigest())):

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class ServeSettings:
     max_upload_mb: float = 64.0
     admin_token: str | None = None
     watch_s: float = 1.0  # 0: do not watch the model file
+    key: bytes | None = field(default=None, repr=False)  # the HMAC key the model must be signed with
 
     def check(self) -> "ServeSettings":
         for flag, value, low in (("--max-batch", self.max_batch, 1), ("--max-queue", self.max_queue, 1)):
@@ -108,7 +109,7 @@ class ServerState:
 
     def __init__(self, settings: ServeSettings, model: ServedModel | None = None) -> None:
         self.settings = settings.check()
-        self.model = model or ServedModel(settings.model, settings.engine, settings.device)
+        self.model = model or ServedModel(settings.model, settings.engine, settings.device, settings.key)
         self.name = settings.name or default_name(self.model.path, settings.engine)
         self.files = model_files(self.model.path, settings.engine)
         self.signature = file_signature(self.files)
@@ -159,7 +160,8 @@ class ServerState:
             loop = asyncio.get_running_loop()
             s = self.settings
             try:
-                new = await loop.run_in_executor(self._load_pool, ServedModel, s.model, s.engine, s.device)
+                new = await loop.run_in_executor(self._load_pool, ServedModel, s.model, s.engine, s.device,
+                                                 s.key)
             except Exception as exc:  # noqa: BLE001 - any failure to load keeps the old model serving
                 self.signature = signature  # do not retry the same bad file; a new write changes the signature
                 self.last_reload_error = f"{exc}"

@@ -62,12 +62,13 @@ class Prepared:
 @dataclass
 class ServedModel:
     """A loaded model and its identity. Checked on load as `mhpc predict` checks it (SHA-256, schema, the
-    HMAC when ``MHPC_MODEL_KEY`` is set, the exported file's JSON), then hashed again: a file replaced
+    HMAC when a key is set: ``key``, default ``MHPC_MODEL_KEY``; the exported file's JSON), then hashed again: a file replaced
     while it was loading is loaded again, so identity and weights always belong together."""
 
     path: str
     engine: str = "torch"
     device: str = "cpu"
+    key: bytes | None = field(default=None, repr=False)
     scorer: Any = field(init=False, repr=False)
     preprocessing: dict[str, Any] = field(init=False)
     threshold: float | None = field(init=False)
@@ -77,16 +78,16 @@ class ServedModel:
     loaded_at: str = field(init=False)
 
     def __post_init__(self) -> None:
-        from mhpc.cli import _exported_file, load_scorer
+        from mhpc.prediction import exported_file, load_scorer
 
         if self.engine not in ENGINES:
             raise MHPCError(f"--engine must be one of {list(ENGINES)}, got {self.engine!r}")
         if self.engine != "torch":  # a folder holding exactly one export, as for `mhpc predict --engine`
-            self.path = _exported_file(str(self.path), self.engine)
+            self.path = exported_file(str(self.path), self.engine)
         files = model_files(self.path, self.engine)
         for attempt in range(3):
             before = self._hash(files)
-            self.scorer, self.preprocessing, self.threshold = load_scorer(self.path, self.engine, self.device)
+            self.scorer, self.preprocessing, self.threshold = load_scorer(self.path, self.engine, self.device, key=self.key)
             if before is not None and self._hash(files) == before:
                 break
         else:

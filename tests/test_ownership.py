@@ -275,6 +275,24 @@ def test_environment_key_is_stripped_like_the_key_file(work, tmp_path, monkeypat
         MHPatchCore.load(tmp_path / "env")
 
 
+def test_the_key_is_a_parameter_not_the_environment(work, tmp_path, monkeypatch):
+    import mhpc.cli as cli
+    from mhpc.core.model_file import load_model, save_model
+
+    monkeypatch.delenv("MHPC_MODEL_KEY", raising=False)
+    save_model(load_model(work / "model"), tmp_path / "signed", key=b"s3cret")
+    assert load_model(tmp_path / "signed", key=b"s3cret").signed_
+    with pytest.raises(MHPCError, match="its signature does not match"):
+        load_model(tmp_path / "signed", key=b"other")
+    # The CLI reads --key-file once and hands it to the command; the environment stays untouched.
+    seen = {}
+    monkeypatch.setattr(cli, "_cmd_export", lambda args: seen.update(key=args.key, env=os.environ.get("MHPC_MODEL_KEY")))
+    (tmp_path / "key").write_text("s3cret\n")
+    assert cli.main(["export", "--model", str(tmp_path / "signed"), "--out", str(tmp_path / "x.onnx"),
+                     "--key-file", str(tmp_path / "key")]) == 0
+    assert seen == {"key": b"s3cret", "env": None}
+
+
 # ------------------------------------------------------------------ 9. atomic update
 def test_failed_calibration_leaves_the_model_as_it_was(work, tmp_path, monkeypatch, capsys):
     import torch

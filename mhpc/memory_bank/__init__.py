@@ -1,8 +1,10 @@
 """Memory-bank strategies: how the training patches are summarised into the bank.
 
-Each strategy has the same small interface, mirroring the official PatchCore samplers:
-``run(features)`` for the batch (VANILLA) path, and ``partial_fit(features)`` + ``finalize()``
-for the streaming (ONLINE) path. Both return the bank as a float32 tensor.
+Every strategy has one interface for every fit path (``mhpc.memory_bank.base.MemoryBankStrategy``):
+``partial_fit(features)`` takes the projected patches chunk by chunk (VANILLA's in-memory shard is one
+chunk), ``state()`` returns a mergeable ``BankState`` (shards merge with ``BankState.merge``),
+``finalize(state, n_patches)`` reduces the merged state to the bank, and ``resume(state)`` continues from
+a saved state (``update``). The fit driver (``mhpc.fit.driver``) runs them in that order.
 """
 
 from mhpc.memory_bank.base import MemoryBankStrategy

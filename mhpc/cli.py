@@ -62,6 +62,12 @@ def _add_good_images(p, what: str = "good") -> None:
     p.add_argument("--folder", help=f"a plain folder of {what} images instead of --data/--category")
 
 
+def _add_benchmark_size(p, when: str = "") -> None:
+    p.add_argument("--n-train", type=int, default=60, help=f"{when}good training images per category (60)")
+    p.add_argument("--n-test-good", type=int, default=15, help=f"{when}good test images per category (15)")
+    p.add_argument("--n-test-per-defect", type=int, default=5, help=f"{when}test images per defect kind (5)")
+
+
 def _add_threshold_quantile(p) -> None:
     p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
 
@@ -462,9 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=str(DEMO_DATA), help=f"benchmark folder (default {DEMO_DATA}; generated if absent)")
     p.add_argument("--out", default=str(DEMO_OUT), help=f"output folder (default {DEMO_OUT})")
     p.add_argument("--categories", nargs="+", default=["brick", "grass", "gravel"])
-    p.add_argument("--n-train", type=int, default=60, help="when generating: good training images per category")
-    p.add_argument("--n-test-good", type=int, default=15)
-    p.add_argument("--n-test-per-defect", type=int, default=5)
+    _add_benchmark_size(p, "when generating: ")
     _add_quiet(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -604,9 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--categories", nargs="+", default=["brick", "grass", "gravel"], choices=list(ALL_TEXTURES),
                    help="slate, rock and leaves need `mhpc setup-textures` first")
-    p.add_argument("--n-train", type=int, default=60)
-    p.add_argument("--n-test-good", type=int, default=15)
-    p.add_argument("--n-test-per-defect", type=int, default=5)
+    _add_benchmark_size(p)
     p.add_argument("--difficulty", type=float, default=DEFAULT_DIFFICULTY,
                    help=f"0 (obvious) .. 1 (subtle) (default {DEFAULT_DIFFICULTY})")
     p.add_argument("--seed", type=int, default=0)

@@ -199,7 +199,8 @@ def predict_distributed(model_path: str | os.PathLike, preprocessing: dict[str, 
         blob = ray.put(file.read_bytes())
         rows = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(paths)])
         scored = rows.map_batches(
-            _BatchScorer, fn_constructor_args=([blob], dict(preprocessing), key), batch_size=batch_size, batch_format="numpy",
+            _BatchScorer, fn_constructor_args=([blob], dict(preprocessing), key), batch_size=batch_size,
+            batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=min(workers, len(paths))), num_cpus=1,
         )
         for batch in scored.iter_batches(batch_size=batch_size, batch_format="numpy"):

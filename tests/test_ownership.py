@@ -286,7 +286,8 @@ def test_the_key_is_a_parameter_not_the_environment(work, tmp_path, monkeypatch)
         load_model(tmp_path / "signed", key=b"other")
     # The CLI reads --key-file once and hands it to the command; the environment stays untouched.
     seen = {}
-    monkeypatch.setattr(cli, "_cmd_export", lambda args: seen.update(key=args.key, env=os.environ.get("MHPC_MODEL_KEY")))
+    monkeypatch.setattr(cli, "_cmd_export",
+                        lambda args: seen.update(key=args.key, env=os.environ.get("MHPC_MODEL_KEY")))
     (tmp_path / "key").write_text("s3cret\n")
     assert cli.main(["export", "--model", str(tmp_path / "signed"), "--out", str(tmp_path / "x.onnx"),
                      "--key-file", str(tmp_path / "key")]) == 0

@@ -61,12 +61,14 @@ def sidecar_text(info: dict[str, Any], key: bytes | None = None) -> str:
     the HMAC key, default ``MHPC_MODEL_KEY``)."""
     from mhpc.deploy.signing import sign_sidecar
 
-    return json.dumps(sign_sidecar({"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, **info}, key), indent=2)
+    header = {"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION}
+    return json.dumps(sign_sidecar({**header, **info}, key), indent=2)
 
 
 def read_sidecar(path: str | Path, key: bytes | None = None) -> dict[str, Any]:
     """The sidecar of the exported graph ``path``, checked before anything is loaded: its own SHA-256,
-    its HMAC when a key is set (``key``, default ``MHPC_MODEL_KEY``), the graph files' SHA-256, then its schema. One-line errors."""
+    its HMAC when a key is set (``key``, default ``MHPC_MODEL_KEY``), the graph files' SHA-256, then its
+    schema. One-line errors."""
     from mhpc.deploy.signing import check_sidecar, verify_sidecar
 
     target = sidecar_path(path)

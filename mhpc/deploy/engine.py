@@ -41,8 +41,8 @@ class DeployedModel:
     (by suffix: .onnx -> onnxruntime, .xml -> openvino; an .onnx file also runs in OpenVINO).
 
     Before the graph is loaded, the description is verified (``mhpc.deploy.signing``): its own SHA-256,
-    its HMAC when a key is set (``key``, default ``MHPC_MODEL_KEY``), the SHA-256 of the graph files, its schema. The verdict
-    ``is_anomaly`` is the graph's own output, not recomputed from the JSON's threshold."""
+    its HMAC when a key is set (``key``, default ``MHPC_MODEL_KEY``), the SHA-256 of the graph files, its
+    schema. The verdict ``is_anomaly`` is the graph's own output, not recomputed from the JSON's threshold."""
 
     def __init__(self, path: str | os.PathLike, engine: str = "auto", threads: int | None = None,
                  spin: bool = True, key: bytes | None = None) -> None:

@@ -62,8 +62,9 @@ class Prepared:
 @dataclass
 class ServedModel:
     """A loaded model and its identity. Checked on load as `mhpc predict` checks it (SHA-256, schema, the
-    HMAC when a key is set: ``key``, default ``MHPC_MODEL_KEY``; the exported file's JSON), then hashed again: a file replaced
-    while it was loading is loaded again, so identity and weights always belong together."""
+    HMAC when a key is set: ``key``, default ``MHPC_MODEL_KEY``; the exported file's JSON), then hashed
+    again: a file replaced while it was loading is loaded again, so identity and weights always belong
+    together."""
 
     path: str
     engine: str = "torch"
@@ -87,7 +88,8 @@ class ServedModel:
         files = model_files(self.path, self.engine)
         for attempt in range(3):
             before = self._hash(files)
-            self.scorer, self.preprocessing, self.threshold = load_scorer(self.path, self.engine, self.device, key=self.key)
+            self.scorer, self.preprocessing, self.threshold = load_scorer(self.path, self.engine, self.device,
+                                                                          key=self.key)
             if before is not None and self._hash(files) == before:
                 break
         else:

@@ -42,7 +42,8 @@ def run_on_ray(settings: Any, port: int, address: str | None, replicas: int,
         raise MHPCError(f"--replicas must be >= 1, got {replicas}")
     if port == 0:
         raise MHPCError("--ray needs a fixed --port: Ray Serve's proxy does not pick a free one")
-    model = ServedModel(settings.model, settings.engine, settings.device, settings.key)  # a bad file fails here, in one line
+    # A bad file fails here, in one line.
+    model = ServedModel(settings.model, settings.engine, settings.device, settings.key)
     try:
         from ray import serve
     except ImportError:

@@ -155,10 +155,13 @@ class KMeansBank(MemoryBankStrategy):
         return state
 
     def carry(self, state: BankState, bank: BankState, n_patches: int) -> BankState:
-        """The merged centroids, at most 4 k of them (a weighted k-means bounds a larger union), so that
-        ``update`` reduces them with its new chunks as a refit would, rather than the k centres alone."""
+        """The merged centroids, so that ``update`` reduces them with its new chunks as a refit would, rather
+        than the k centres alone. A fractional count's union is about 4 k already (each chunk keeps 4 times
+        its share); an int count's can be far larger (each chunk keeps at least k), and only a union above
+        8 k is reduced, to 4 k: reducing a union barely above 4 k would cost a k-means as large as the fit's
+        and save nothing."""
         k = resolve_cluster_count(self.clusters, max(1, int(n_patches)))
-        return state if state.rows.shape[0] <= KMEANS_OVERSAMPLE * k else reduce_centroids(
+        return state if state.rows.shape[0] <= 2 * KMEANS_OVERSAMPLE * k else reduce_centroids(
             state, KMEANS_OVERSAMPLE * k, self.seed)
 
     def finalize(self, state: BankState, n_patches: int) -> BankState:

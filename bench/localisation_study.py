@@ -156,6 +156,69 @@ def run(args: argparse.Namespace) -> None:
                 os.replace(tmp, path)
 
 
+METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
+TIE = 0.005  # a paired difference within this counts as a tie
+
+
+def tables(out: Path, seeds: list[int], reference: str = "paper") -> str:
+    """Markdown: per config, mean +- std over (category, seed) of the three metrics and the map's
+    separation figures, paired wins/ties/losses against ``reference``, and the per-source AUPRO."""
+    rows = [r for r in json.loads((out / "results.json").read_text()) if r["seed"] in seeds]
+    by = {(r["config"], r["category"], r["seed"]): r for r in rows}
+    names = [n for n in dict.fromkeys(r["config"] for r in rows)]
+    sources = {"skimage": {"brick", "grass", "gravel"}, "tux racer": {"slate", "rock", "leaves"}}
+    lines = [f"Seeds {seeds}; {len({(r['category'], r['seed']) for r in rows})} (category, seed) pairs. "
+             f"W/T/L: paired against `{reference}`, a tie within {TIE}.", "",
+             "| config | n | " + " | ".join(METRICS) + " | " + " | ".join(f"W/T/L {m}" for m in METRICS)
+             + " | AUPRO skimage | AUPRO tux racer | recall@1% | good_cv | contrast |",
+             "|---" * (2 + 2 * len(METRICS) + 5) + "|"]
+    for name in names:
+        mine = [r for r in rows if r["config"] == name]
+        cells = [f"{np.mean([r[m] for r in mine]):.3f} ± {np.std([r[m] for r in mine]):.3f}" for m in METRICS]
+        for m in METRICS:
+            diffs = [r[m] - by[(reference, r["category"], r["seed"])][m] for r in mine
+                     if (reference, r["category"], r["seed"]) in by]
+            cells.append(f"{sum(d > TIE for d in diffs)}/{sum(abs(d) <= TIE for d in diffs)}/{sum(d < -TIE for d in diffs)}")
+        for cats in sources.values():
+            vals = [r["pixel_aupro"] for r in mine if r["category"] in cats]
+            cells.append(f"{np.mean(vals):.3f}" if vals else "-")
+        cells += [f"{np.mean([r[k] for r in mine]):.3f}" for k in ("recall@1%", "good_cv", "contrast")]
+        lines.append(f"| {name} | {len(mine)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def gallery(out: Path, png: Path, configs: list[str]) -> None:
+    """One figure: rows = a few defects per category (seed 0), columns = the configs' maps, each map in
+    units of its own good images' pixels (0 = their median, 1 = their 99th percentile)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {c: sorted(out.glob(f"gallery_*_{c.replace(' ', '_').replace('|', '')}.npz")) for c in configs}
+    cats = [f.name[len("gallery_"):].split("_")[0] for f in files[configs[0]]]
+    panels = []
+    for cat in cats:
+        data = {c: np.load(out / f"gallery_{cat}_{c.replace(' ', '_').replace('|', '')}.npz") for c in configs}
+        for i in range(len(data[configs[0]]["maps"])):
+            panels.append((cat, data[configs[0]]["masks"][i], [
+                (d["maps"][i] - d["good_q"][0]) / max(d["good_q"][1] - d["good_q"][0], 1e-12) for d in data.values()]))
+    fig, axes = plt.subplots(len(panels), len(configs) + 1, figsize=(1.6 * (len(configs) + 1), 1.6 * len(panels)))
+    for row, (cat, mask, maps) in zip(axes, panels):
+        row[0].imshow(mask, cmap="gray")
+        row[0].set_ylabel(cat, fontsize=7)
+        for ax, amap in zip(row[1:], maps):
+            ax.imshow(np.clip(amap, -1, 3), cmap="jet", vmin=-1, vmax=3)
+            ax.contour(mask, levels=[0.5], colors="white", linewidths=0.5)
+    for ax, title in zip(axes[0], ["ground truth", *configs]):
+        ax.set_title(title.replace(" | ", "\n"), fontsize=6)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="benchmark root; may contain {seed}")
@@ -163,7 +226,15 @@ def main() -> None:
     parser.add_argument("--categories", nargs="+")
     parser.add_argument("--configs", nargs="+", help="only these of CONFIGS (default: all)")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--tables", action="store_true", help="print the tables of OUT/results.json for --seeds")
+    parser.add_argument("--gallery", nargs="+", metavar="CONFIG", help="write OUT/gallery.png of these configs")
     args = parser.parse_args()
+    if args.tables or args.gallery:
+        if args.tables:
+            print(tables(Path(args.out), args.seeds))
+        if args.gallery:
+            gallery(Path(args.out), Path(args.out) / "gallery.png", args.gallery)
+        return
     torch.manual_seed(0)
     run(args)
 

@@ -12,7 +12,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -385,7 +385,7 @@ DEMO_PRESETS = ("paper", "proposed", "best")
 
 def run_demo(data: str | Path, out_dir: str | Path, categories: list[str], n_train: int = 60,
              n_test_good: int = 15, n_test_per_defect: int = 5, progress: bool = True,
-             announce: Any = print) -> str:
+             announce: Callable[[str], None] = print) -> str:
     """`mhpc demo`: the synthetic benchmark in ``data`` (generated when absent), the three presets with
     MobileNetV2 on each category, the table and the report in ``out_dir``. Returns the table."""
     from mhpc.data.synthetic import generate_benchmark

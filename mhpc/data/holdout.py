@@ -39,7 +39,7 @@ def holdout_split(n: int, holdout: float) -> tuple[list[int], list[int]]:
 
 
 def good_images(folder: str | Path | None, data: str | Path | None, category: str | None,
-                preprocessing: dict[str, Any], holdout: float):
+                preprocessing: dict[str, Any], holdout: float) -> tuple[Any, list[int], list[int]]:
     """(validated dataset, indices to fit on, held-out indices) from a plain ``folder`` of good images or
     an MVTec-layout ``data`` root and ``category`` (its train split)."""
     from mhpc.data.datasets import FolderDataset, MVTecDataset

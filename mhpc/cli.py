@@ -192,7 +192,7 @@ def _preprocessing(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, A
 
 
 def _cmd_fit(args: argparse.Namespace) -> None:
-    from mhpc.core.model_file import MODEL_FILENAME, save_model
+    from mhpc.core.model_file import MODEL_FILENAME
     from mhpc.data.datasets import make_loader
     from mhpc.data.holdout import check_holdout, good_images
     from mhpc.data.tiling import maybe_tiled
@@ -233,7 +233,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         if hold_idx:
             _calibrate(model, maybe_tiled(full.subset(hold_idx), args.tile, overlap), batch_size,
                        args.threshold_quantile)
-        save_model(model, out, key=args.key)
+        model.save(out, key=args.key)
     tiles = f" ({len(fit_ds)} tiles)" if args.tile else ""
     print(f"fitted on {len(fit_idx)} images{tiles} in {time.perf_counter() - start:.1f} s; memory bank "
           f"{tuple(model.memory_bank_.shape)}; {_threshold_note(model)}; saved {Path(args.out) / MODEL_FILENAME}")
@@ -275,7 +275,8 @@ def _cmd_update(args: argparse.Namespace) -> None:
 
 
 def _update(args: argparse.Namespace, file: Path) -> None:
-    from mhpc.core.model_file import MODEL_FILENAME, load_model, save_model
+    from mhpc.core.mh_patch_core import MHPatchCore
+    from mhpc.core.model_file import MODEL_FILENAME
     from mhpc.data.datasets import make_loader
     from mhpc.data.holdout import check_holdout, good_images
     from mhpc.outputs import output_folder, probe_writable, refuse_inputs_inside
@@ -284,7 +285,7 @@ def _update(args: argparse.Namespace, file: Path) -> None:
 
     check_holdout(args.holdout, args.threshold_quantile)
     batch_size = check_batch_size(args.batch_size)
-    model = load_model(args.model, device=args.device, key=args.key)
+    model = MHPatchCore.load(args.model, device=args.device, key=args.key)
     if getattr(model, "fit_state_", None) is None:
         raise MHPCError(f"{args.model} was saved without its fit state (keep_fit_state=False), so it cannot be "
                         "updated; refit it with mhpc fit")
@@ -305,7 +306,7 @@ def _update(args: argparse.Namespace, file: Path) -> None:
 
     def update_and_save(target: str | Path) -> Path:
         model.update(make_loader(full.subset(fit_idx), batch_size), hold, args.threshold_quantile)
-        return save_model(model, target, key=args.key)
+        return model.save(target, key=args.key)
 
     if args.out:
         refuse_inputs_inside(args.out, [s.image for s in full.samples], "training image")
@@ -364,12 +365,12 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from mhpc.core.model_file import load_model
+    from mhpc.core.mh_patch_core import MHPatchCore
 
     mb = args.max_search_mb
     if mb is not None and not (math.isfinite(mb) and mb * 2**20 >= 1):  # nan, inf, 0 and below refused here
         raise MHPCError(f"--max-search-mb must be a positive number of MiB, got {args.max_search_mb}")
-    model = load_model(args.model, key=args.key)  # checks the file's SHA-256 before anything is exported
+    model = MHPatchCore.load(args.model, key=args.key)  # checks the file's SHA-256 before anything is exported
     model.progress = not args.quiet
     max_bytes = None if args.max_search_mb is None else int(args.max_search_mb * 2**20)
     path = model.export(args.out, format=args.format, head=args.head, max_intermediate_bytes=max_bytes,

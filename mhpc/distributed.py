@@ -17,7 +17,7 @@ results in shard order, not completion order. A task whose worker dies is re-run
 
 Scoring (``predict_distributed``; ``mhpc predict --ray``): Ray Data over (index, path) rows and
 ``map_batches`` with a pool of scorer actors. The model file's bytes go into the object store once;
-each actor loads them through ``load_model`` with the caller's key (the same integrity, signature and
+each actor loads them through ``MHPatchCore.load`` with the caller's key (the same integrity, signature and
 backbone checks as a local load). Results carry the row index, and ``mhpc.prediction.PredictionWriter``
 writes the same files as the single-process command, in input order.
 """
@@ -159,14 +159,14 @@ class _BatchScorer:
     """One Ray Data actor: loads the model once, then scores batches of (index, path) rows."""
 
     def __init__(self, model_blob: list, preprocessing: dict[str, Any], key: bytes | None = None) -> None:
-        from mhpc.core.model_file import load_model
+        from mhpc.core.mh_patch_core import MHPatchCore
 
         ray = import_ray()
         blob = ray.get(model_blob[0])  # wrapped in a list so Ray Data passes the reference, not a copy
         with tempfile.TemporaryDirectory() as tmp:
             file = Path(tmp) / "model.safetensors"
             file.write_bytes(blob)
-            self.model = load_model(file, device="cpu", key=key)
+            self.model = MHPatchCore.load(file, device="cpu", key=key)
         self.model.progress = False
         self.preprocessing = preprocessing
 

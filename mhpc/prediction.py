@@ -154,9 +154,9 @@ def load_scorer(model: str, engine: str = "torch", device: str = "cpu", progress
     or a file from `mhpc export` (onnxruntime / openvino): what `mhpc predict` and `mhpc serve` score with.
     ``key``: the HMAC key the model must be signed with (default: ``MHPC_MODEL_KEY``, if set)."""
     if engine == "torch":
-        from mhpc.core.model_file import load_model
+        from mhpc.core.mh_patch_core import MHPatchCore
 
-        scorer = load_model(model, device=device, key=key)
+        scorer = MHPatchCore.load(model, device=device, key=key)
         scorer.progress = progress
         return scorer, saved_preprocessing(scorer), getattr(scorer, "threshold_", None)
     exported = ExportedScorer(exported_file(model, engine), engine, key)  # fed by the same dataset pipeline as torch

@@ -277,13 +277,13 @@ def test_environment_key_is_stripped_like_the_key_file(work, tmp_path, monkeypat
 
 def test_the_key_is_a_parameter_not_the_environment(work, tmp_path, monkeypatch):
     import mhpc.cli as cli
-    from mhpc.core.model_file import load_model, save_model
+    from mhpc.core.mh_patch_core import MHPatchCore
 
     monkeypatch.delenv("MHPC_MODEL_KEY", raising=False)
-    save_model(load_model(work / "model"), tmp_path / "signed", key=b"s3cret")
-    assert load_model(tmp_path / "signed", key=b"s3cret").signed_
+    MHPatchCore.load(work / "model").save(tmp_path / "signed", key=b"s3cret")
+    assert MHPatchCore.load(tmp_path / "signed", key=b"s3cret").signed_
     with pytest.raises(MHPCError, match="its signature does not match"):
-        load_model(tmp_path / "signed", key=b"other")
+        MHPatchCore.load(tmp_path / "signed", key=b"other")
     # The CLI reads --key-file once and hands it to the command; the environment stays untouched.
     seen = {}
     monkeypatch.setattr(cli, "_cmd_export",

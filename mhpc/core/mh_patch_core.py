@@ -422,21 +422,24 @@ class MHPatchCore:
         return export_model(self, path, format=format, **kwargs)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | PathLike, keep_fit_state: bool = True) -> "Path":
+    def save(self, path: str | PathLike, keep_fit_state: bool = True, key: bytes | None = None) -> "Path":
         """Writes the configuration and all fitted state to a safetensors file, atomically.
 
         ``keep_fit_state`` (default True) also stores the fit state that ``update`` needs: the raw
         feature statistics (D x D float64) and the k-means counts, a few MB; without it the file is
-        smaller but the model can only be refitted, not updated. Returns the file written."""
+        smaller but the model can only be refitted, not updated. ``key``: the HMAC key that signs it
+        (default: ``MHPC_MODEL_KEY``, if set). Returns the file written."""
         from mhpc.core.model_file import save_model
 
-        return save_model(self, path, keep_fit_state)
+        return save_model(self, path, keep_fit_state, key)
 
     @classmethod
-    def load(cls, path: str | PathLike, device: torch.device | str | None = None) -> "MHPatchCore":
+    def load(cls, path: str | PathLike, device: torch.device | str | None = None,
+             key: bytes | None = None) -> "MHPatchCore":
+        """``key``: the HMAC key the file must be signed with (default: ``MHPC_MODEL_KEY``, if set)."""
         from mhpc.core.model_file import load_model
 
-        return load_model(path, device)
+        return load_model(path, device, key)
 
 
 _CONFIG_KEYS = [

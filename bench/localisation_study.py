@@ -51,6 +51,9 @@ CONFIGS = {
     "shrinkage=0.1": ("best", {"covariance_shrinkage": 0.1}),
     "shrinkage=0.5": ("best", {"covariance_shrinkage": 0.5}),
     "shrinkage=0.9": ("best", {"covariance_shrinkage": 0.9}),
+    # The third candidate in its simplest form: the coverage of a greedy coreset (actual patches,
+    # rare ones kept) instead of k-means centroids (means, rare good patches merged away).
+    "best-greedy": ("best", {"aggregation": "GREEDY"}),
 }
 SPLIT = " | map euclidean"
 GALLERY_SEED, GALLERY_PER_CATEGORY = 0, 2

@@ -398,6 +398,38 @@ def test_exported_model_under_onnxruntime_equals_mhpc_predict(served, tmp_path):
     assert ServedModel(str(tmp_path), "onnxruntime").path == str(onnx)
 
 
+def test_verdict_right_at_the_threshold_is_the_exported_graph_s_own(served, tmp_path):
+    """The graph compares in float32; a threshold whose float32 rounding equals an image's score while its
+    float64 value lies just above it flags the image in the graph and in `mhpc predict --engine onnxruntime`:
+    the server must say the same (score >= threshold in float64 would not)."""
+    from mhpc.core.mh_patch_core import MHPatchCore
+    from mhpc.deploy import DeployedModel
+
+    image = served["test"][0]
+    first = tmp_path / "first.onnx"
+    assert main(["export", "--model", str(served["model"]), "--out", str(first), "--quiet"]) == 0
+    pixels = ServedModel(str(first), "onnxruntime").preprocess_file(image).image[None]
+    s32 = DeployedModel(first).predict(pixels).scores[0]
+    edge = float(s32) + float(np.spacing(s32)) / 4
+    assert np.float32(edge) == s32 and not float(s32) >= edge  # the two rules disagree here
+    model = MHPatchCore.load(served["model"])
+    model.threshold_ = edge
+    model.save(tmp_path / "edge")
+    onnx = tmp_path / "edge.onnx"
+    assert main(["export", "--model", str(tmp_path / "edge"), "--out", str(onnx), "--quiet"]) == 0
+    assert DeployedModel(onnx).predict(pixels).scores[0] == s32  # the same graph but for its threshold
+    out = tmp_path / "cli"
+    assert main(["predict", "--model", str(onnx), "--engine", "onnxruntime", "--images", str(image), "--out", str(out),
+                 "--quiet"]) == 0
+    assert [row["is_anomalous"] for row in csv.DictReader(open(out / "scores.csv"))] == ["1"]
+    app = create_app(ServeSettings(model=str(onnx), engine="onnxruntime", watch_s=0))
+    with running(app) as url:
+        res = httpx.post(url + "/predict", files=_files([image])).json()["results"][0]
+        assert res["score"] == float(s32) and res["is_anomaly"] is True and res["threshold"] == edge
+        status, answer = _http("POST", url + "/v2/models/edge/infer", _infer_body(pixels))
+        assert status == 200 and {o["name"]: o for o in answer["outputs"]}["is_anomaly"]["data"] == [True]
+
+
 def test_hot_reload_while_serving_sighup_and_graceful_sigterm(served, tmp_path):
     import os
     import shutil

@@ -230,12 +230,11 @@ def _map_payload(fmt: str, model: ServedModel, prepared, amap: np.ndarray) -> di
     """The map and the overlay exactly as `mhpc predict` writes them (maps/*.npy, overlays/*.png): in the
     image's own coordinates for a whole-image model, over the centre crop for a centre-cropped one. ``amap``
     is already in those coordinates (``ServedModel.map_in_image``, on the engine thread); no torch here."""
-    from mhpc.data.io import load_rgb
     from mhpc.prediction import render_overlay
 
     pre = prepared.preprocessing  # the image under the map, as mhpc.prediction.in_image_coordinates picks it
     whole = pre.get("crop") == "none" and not pre.get("tile")
-    rgb = np.asarray(load_rgb(prepared.path, pre.get("bit_depth"))) if whole else prepared.image
+    rgb = prepared.original if whole else prepared.image
     amap = np.asarray(amap, dtype=np.float32)
     out: dict[str, Any] = {"map_shape": list(amap.shape),
                            "overlay_png": _png_b64(render_overlay(rgb, amap, model.threshold))}
@@ -362,12 +361,7 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None) -> Fas
             started = time.perf_counter()
             prepared = await asyncio.gather(*(state.preprocess(model, d, n, keep=map is not None)
                                               for d, n in zip(datas, names)), return_exceptions=True)
-            try:
-                return await _answer(model, names, prepared, started, map, arrival)
-            finally:
-                for p in prepared:
-                    if not isinstance(p, BaseException) and p.path is not None:
-                        p.path.unlink(missing_ok=True)
+            return await _answer(model, names, prepared, started, map, arrival)
 
     async def _answer(model: ServedModel, names: list[str], prepared: list, started: float, map: str | None,
                       arrival):

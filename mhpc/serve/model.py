@@ -82,8 +82,8 @@ class Prepared:
 
     image: np.ndarray  # the model's input pixels, uint8 [H, W, 3] at the input size (mhpc.data.geometry)
     size: tuple[int, int]  # the image's own (width, height)
-    preprocessing: dict[str, Any]  # as the dataset settled it (bit depth of 16-bit images)
-    path: Path | None = None  # the upload's temporary file while its map is still to be drawn
+    preprocessing: dict[str, Any]  # the model's
+    original: np.ndarray | None = None  # the decoded image (uint8 RGB), kept when its map is to be drawn on it
 
 
 @dataclass
@@ -149,40 +149,36 @@ class ServedModel:
                 "n_train_images": self.n_train_images, "threshold": self.threshold, "loaded_at": self.loaded_at}
 
     # ------------------------------------------------------------ preprocessing (mhpc predict's own)
-    def preprocess_file(self, path: Path) -> Prepared:
-        """One image file -> its model input pixels, through the dataset class `mhpc predict` reads with:
-        same decoding, size guards and bit depth, then the uint8 geometry that is the first step of its
-        transform. The rest of that transform (to float, normalise) runs in ``score``, on the engine thread:
-        no torch here, so preprocessing threads never start OpenMP teams of their own (see ``load_model``)."""
-        from mhpc.data.datasets import ImageFilesDataset
+    def preprocess_file(self, path: Path, keep: bool = False) -> Prepared:
+        """One image file -> its model input pixels, as `mhpc predict` reads it, decoded once: its reader
+        (``load_rgb``: the size guards before decoding, the modes, a 16-bit image scaled by its sBIT depth,
+        else the model's, else 16 bits: the depth ``ImageFilesDataset.validate`` settles for a single image),
+        then the uint8 geometry that is the first step of predict's transform. The rest of that transform
+        (to float, normalise) runs in ``score``, on the engine thread: no torch here, so preprocessing
+        threads never start OpenMP teams of their own (see ``load_model``). ``keep``: the decoded image is
+        kept (``Prepared.original``) for drawing the map on it."""
         from mhpc.data.geometry import prepare_image
         from mhpc.data.io import load_rgb
 
-        ds = ImageFilesDataset([path], preprocessing=self.preprocessing).validate()
-        pixels = prepare_image(load_rgb(ds.samples[0].image, ds.preprocessing.get("bit_depth")), ds.preprocessing)
-        return Prepared(np.asarray(pixels, dtype=np.uint8), tuple(ds.sizes_[0]), dict(ds.preprocessing), Path(path))
+        img = load_rgb(Path(path), self.preprocessing.get("bit_depth"))
+        pixels = np.asarray(prepare_image(img, self.preprocessing), dtype=np.uint8)
+        return Prepared(pixels, img.size, dict(self.preprocessing), np.asarray(img) if keep else None)
 
     def preprocess_bytes(self, data: bytes, name: str, tmpdir: Path, keep: bool = False) -> Prepared:
-        """An uploaded image: written to a private temporary file (the readers take paths), preprocessed
-        by ``preprocess_file``; error messages name the upload, not the temporary file. ``keep``: the file
-        stays (``Prepared.path``) for drawing the map on the original image; the caller removes it."""
+        """An uploaded image: written to a private temporary file (the readers take paths; it is removed
+        before this returns), preprocessed by ``preprocess_file``; error messages name the upload, not the
+        temporary file."""
         if not data:
             raise MHPCError(f"image {name} is empty (0 bytes)")
         fd, tmp = tempfile.mkstemp(prefix=f"{uuid.uuid4().hex}-", dir=tmpdir)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-            prepared = self.preprocess_file(Path(tmp))
+            return self.preprocess_file(Path(tmp), keep)
         except MHPCError as exc:
-            Path(tmp).unlink(missing_ok=True)
             raise MHPCError(str(exc).replace(tmp, name)) from None
-        except BaseException:
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
-        if not keep:
-            Path(tmp).unlink(missing_ok=True)
-            prepared.path = None
-        return prepared
 
     # ------------------------------------------------------------ scoring (on the engine thread)
     def score(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[bool | None]]:

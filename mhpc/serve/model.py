@@ -132,7 +132,8 @@ class ServedModel:
             from mhpc.data.transforms import PillowGeometry, build_transforms
 
             steps = build_transforms(self.preprocessing)[0].transforms
-            assert isinstance(steps[0], PillowGeometry)
+            if not isinstance(steps[0], PillowGeometry):  # the server does that step itself, in preprocess_file
+                raise RuntimeError("mhpc.data.transforms.build_transforms no longer starts with PillowGeometry")
             self._normalise = T.Compose(steps[1:])
 
     @staticmethod

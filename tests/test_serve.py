@@ -407,6 +407,33 @@ def test_exported_model_under_onnxruntime_equals_mhpc_predict(served, tmp_path):
     assert ServedModel(str(tmp_path), "onnxruntime").path == str(onnx)
 
 
+def test_tiled_model_scores_as_mhpc_predict(served, tmp_path):
+    """A model fitted on tiles: each upload is cut into tiles as `mhpc predict` cuts it; the image's score is
+    the highest tile's, the map is stitched at the image's full resolution, the verdict is predict's."""
+    tiled = tmp_path / "tiled"
+    assert main(["fit", "--folder", str(served["good"]), "--out", str(tiled), "--tile", "40", "--holdout", "0.34",
+                 "--backbone", "resnet18", "--random-init", "--quiet", "--input-size", "32", "32"]) == 0
+    rows = _predict_cli({**served, "model": tiled}, tmp_path / "cli")
+    app = create_app(ServeSettings(model=str(tiled), watch_s=0, max_queue=16))
+    with running(app) as url:
+        r = httpx.post(url + "/predict?map=npy", files=_files(served["test"]))
+        assert r.status_code == 200
+        _check_against_cli(r.json()["results"], rows, tmp_path / "cli")
+        plain = httpx.post(url + "/predict", files=_files(served["test"])).json()["results"]
+        assert [p["score"] for p in plain] == [res["score"] for res in r.json()["results"]]
+        r = httpx.post(url + "/predict", files=_files(served["test"] * 2))  # 8 images of 4 tiles each: 32 > 16
+        assert r.status_code == 413 and "counts each tile" in r.json()["error"]
+    # Its export under onnxruntime: the verdict is any tile's own, as `mhpc predict --engine onnxruntime` says.
+    onnx = tmp_path / "tiled.onnx"
+    assert main(["export", "--model", str(tiled), "--out", str(onnx), "--quiet"]) == 0
+    rows = _predict_cli({**served, "model": onnx}, tmp_path / "cli-onnx", "--engine", "onnxruntime")
+    app = create_app(ServeSettings(model=str(onnx), engine="onnxruntime", watch_s=0, max_queue=16))
+    with running(app) as url:
+        r = httpx.post(url + "/predict?map=npy", files=_files(served["test"]))
+        assert r.status_code == 200
+        _check_against_cli(r.json()["results"], rows, tmp_path / "cli-onnx")
+
+
 def test_verdict_right_at_the_threshold_is_the_exported_graph_s_own(served, tmp_path):
     """The graph compares in float32; a threshold whose float32 rounding equals an image's score while its
     float64 value lies just above it flags the image in the graph and in `mhpc predict --engine onnxruntime`:
@@ -585,14 +612,9 @@ def test_cli_refuses_bad_options_in_one_line(served, tmp_path, capsys):
             f"--admin-token-file {empty} is empty": ["--model", model, "--admin-token-file", str(empty)],
             f"cannot listen on 127.0.0.1:{busy.getsockname()[1]}": ["--model", model, "--port",
                                                                      str(busy.getsockname()[1])],
-            "fitted on tiles": None,
             "--replicas needs --ray": ["--model", model, "--replicas", "2"],
             "--ray needs a fixed --port": ["--model", model, "--ray", "--port", "0"],
         }
-        tiled = tmp_path / "tiled"
-        assert main(["fit", "--folder", str(served["good"]), "--out", str(tiled), "--tile", "40", "--holdout", "0.34",
-                     "--backbone", "resnet18", "--random-init", "--quiet", "--input-size", "32", "32"]) == 0
-        cases["fitted on tiles"] = ["--model", str(tiled)]
         capsys.readouterr()
         for text, argv in cases.items():
             assert main(["serve", *argv]) == 2, text

@@ -205,8 +205,9 @@ class ServerState:
         ``map_sizes``: per image, the (width, height) its map is wanted at, or None."""
         s = self.settings
         if len(images) > s.max_queue:
-            raise ApiError(413, f"{len(images)} images in one request; this server takes at most {s.max_queue} "
-                                "(--max-queue)")
+            tiles = " (a tiled model counts each tile)" if model.preprocessing.get("tile") else ""
+            raise ApiError(413, f"{len(images)} images{tiles} in one request; this server takes at most "
+                                f"{s.max_queue} (--max-queue)")
         try:
             futures = self.batcher.submit(model, images, map_sizes, arrival)
         except QueueFull as exc:
@@ -232,9 +233,15 @@ def _map_payload(fmt: str, model: ServedModel, prepared, amap: np.ndarray) -> di
     is already in those coordinates (``ServedModel.map_in_image``, on the engine thread); no torch here."""
     from mhpc.prediction import render_overlay
 
-    pre = prepared.preprocessing  # the image under the map, as mhpc.prediction.in_image_coordinates picks it
-    whole = pre.get("crop") == "none" and not pre.get("tile")
-    rgb = prepared.original if whole else prepared.image
+    pre = prepared.preprocessing  # the image under the map, as mhpc predict picks it: the original image for a
+    rgb = prepared.original if pre.get("crop") == "none" else prepared.image  # whole-image or tiled model
+    if prepared.boxes is not None:  # a tiled model: the tiles' maps stitched, overlaps averaged (predict_tiled)
+        height, width = rgb.shape[:2]
+        total, count = np.zeros((height, width), np.float64), np.zeros((height, width), np.float64)
+        for (top, left, th, tw), tile_map in zip(prepared.boxes, amap):
+            total[top:top + th, left:left + tw] += tile_map
+            count[top:top + th, left:left + tw] += 1
+        amap = total / count
     amap = np.asarray(amap, dtype=np.float32)
     out: dict[str, Any] = {"map_shape": list(amap.shape),
                            "overlay_png": _png_b64(render_overlay(rgb, amap, model.threshold))}
@@ -250,6 +257,20 @@ def _map_payload(fmt: str, model: ServedModel, prepared, amap: np.ndarray) -> di
         out["map_png"] = base64.b64encode(buf.getvalue()).decode("ascii")
         out["map_png_range"] = [0.0, vmax]
     return out
+
+
+def _combine(model: ServedModel, prepared, parts: list) -> Any:
+    """One image's (score, map, verdict) from its engine results; a tiled model's as `mhpc predict` combines its
+    tiles: the highest tile score, any tile's verdict for an exported graph (else score >= threshold), the
+    tiles' maps (stitched when drawn). An engine error on any part is the image's error."""
+    failed = next((r for r in parts if isinstance(r, ApiError)), None)
+    if failed is not None:
+        return failed
+    if prepared.boxes is None:
+        return parts[0]
+    score = max(s for s, _, _ in parts)
+    verdict = any(v for _, _, v in parts) if model.engine != "torch" else model.is_anomaly(score)
+    return score, [m for _, m, _ in parts], verdict
 
 
 def _parse_tensor(body: Any, model: ServedModel) -> np.ndarray:
@@ -368,9 +389,22 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None) -> Fas
         good = [i for i, p in enumerate(prepared) if not isinstance(p, BaseException)]
         results: dict[int, Any] = {}
         if good:
-            sizes = [prepared[i].size if map is not None else None for i in good]
-            scored = await state.score_each(model, [prepared[i].image for i in good], sizes, arrival)
-            results = dict(zip(good, scored))
+            images, sizes, owner = [], [], []  # a tiled model: one engine image per tile
+            for i in good:
+                p = prepared[i]
+                if p.boxes is None:
+                    images.append(p.image)
+                    sizes.append(p.size)
+                    owner.append(i)
+                else:
+                    images += list(p.image)
+                    sizes += [(tw, th) for _, _, th, tw in p.boxes]
+                    owner += [i] * len(p.boxes)
+            scored = await state.score_each(model, images, sizes if map is not None else None, arrival)
+            parts: dict[int, list] = {}
+            for i, result in zip(owner, scored):
+                parts.setdefault(i, []).append(result)
+            results = {i: _combine(model, prepared[i], parts[i]) for i in good}
         elapsed = time.perf_counter() - started
         loop = asyncio.get_running_loop()
         out, first_error, n_ok = [], None, 0

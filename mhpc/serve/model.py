@@ -84,6 +84,8 @@ class Prepared:
     size: tuple[int, int]  # the image's own (width, height)
     preprocessing: dict[str, Any]  # the model's
     original: np.ndarray | None = None  # the decoded image (uint8 RGB), kept when its map is to be drawn on it
+    boxes: list[tuple[int, int, int, int]] | None = None  # a tiled model: (top, left, h, w) of each tile;
+    # ``image`` then holds the tiles' pixels, [T, H, W, 3]
 
 
 @dataclass
@@ -118,8 +120,6 @@ class ServedModel:
                 break
         else:
             raise MHPCError(f"{files[0]} kept changing while it was loaded; try again when it is written")
-        if self.preprocessing.get("tile"):
-            raise MHPCError(f"{self.path} was fitted on tiles; mhpc serve scores whole images (use mhpc predict)")
         self.sha256 = before[0]
         mtime = files[0].stat().st_mtime
         self.saved = _dt.datetime.fromtimestamp(mtime, _dt.timezone.utc).isoformat(timespec="seconds")
@@ -162,8 +162,17 @@ class ServedModel:
         from mhpc.data.io import load_rgb
 
         img = load_rgb(Path(path), self.preprocessing.get("bit_depth"))
+        original = np.asarray(img) if keep else None
+        tile = self.preprocessing.get("tile")
+        if tile:  # as mhpc.data.tiling.TiledDataset: every tile of the original image through the same geometry
+            from mhpc.data.tiling import tile_boxes
+
+            boxes = tile_boxes(img.height, img.width, *tile)
+            pixels = np.stack([np.asarray(prepare_image(img.crop((left, top, left + tw, top + th)), self.preprocessing),
+                                          dtype=np.uint8) for top, left, th, tw in boxes])
+            return Prepared(pixels, img.size, dict(self.preprocessing), original, boxes)
         pixels = np.asarray(prepare_image(img, self.preprocessing), dtype=np.uint8)
-        return Prepared(pixels, img.size, dict(self.preprocessing), np.asarray(img) if keep else None)
+        return Prepared(pixels, img.size, dict(self.preprocessing), original)
 
     def preprocess_bytes(self, data: bytes, name: str, tmpdir: Path, keep: bool = False) -> Prepared:
         """An uploaded image: written to a private temporary file (the readers take paths; it is removed
@@ -214,9 +223,10 @@ class ServedModel:
 
     def map_in_image(self, amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """An input-size map -> the map `mhpc predict` writes (``mhpc.prediction.in_image_coordinates``): for a
-        whole-image model the letterbox padding cropped off and resized to the image's (width, height) ``size``;
-        a centre-cropped model's map stays over the crop. It uses torch: call it on the engine thread."""
-        if self.preprocessing.get("crop") == "none" and not self.preprocessing.get("tile"):
+        whole-image model the letterbox padding cropped off and resized to the (width, height) ``size`` of the
+        image (or, for a tiled model, of the tile: ``mhpc.data.tiling.predict_tiled``); a centre-cropped
+        model's map stays over the crop. It uses torch: call it on the engine thread."""
+        if self.preprocessing.get("crop") == "none":
             from mhpc.data.tiling import untile_map
 
             return untile_map(np.asarray(amap, dtype=np.float32), size[1], size[0])

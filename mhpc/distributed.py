@@ -2,7 +2,7 @@
 
 Ray is imported lazily, so the core package imports and works without it.
 
-Fit (``fit_distributed``; ``MHPatchCore.fit_distributed`` and ``mhpc fit --ray`` call it): the fit
+Fit (``fit_distributed(model, ...)``; ``mhpc fit --ray`` calls it): the fit
 driver's one schedule (``mhpc.fit.driver``) with this module's :class:`RayExecutor`, which splits the
 image *paths* into contiguous shards, sends only paths, and runs each pass of ``mhpc.fit.passes`` as one
 task per shard. Tasks return the same mergeable states a single-process fit accumulates

@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                     "mhpc.core.timing", "mhpc.outputs", "mhpc.metrics"]),
     ("blocks", ["mhpc.data", "mhpc.mahalanobis", "mhpc.memory_bank", "mhpc.fit.state", "mhpc.fit_state", "mhpc.fit",
                 "mhpc.core.backbones", "mhpc.core.feature_extractor", "mhpc.core.reduction", "mhpc.core.scoring",
-                "mhpc.config", "mhpc.weights"]),
+                "mhpc.core.projection", "mhpc.core.threshold", "mhpc.config", "mhpc.weights"]),
     ("procedures", ["mhpc.fit.passes", "mhpc.fit.driver", "mhpc.deploy"]),
     ("model", ["mhpc.core", "mhpc.core.mh_patch_core", "mhpc.core.model_file", "mhpc.core.model_schema"]),
     ("engines", ["mhpc.distributed", "mhpc.evaluation", "mhpc.prediction", "mhpc.report"]),

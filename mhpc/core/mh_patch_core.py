@@ -25,9 +25,12 @@ from mhpc import params
 from mhpc.core import model_file
 from mhpc.core.backbones import default_layers, load_backbone
 from mhpc.core.feature_extractor import PatchFeatureExtractor
+from mhpc.core import projection
 from mhpc.core.reduction import Identity, PCAReduction
-from mhpc.core.scoring import NearestNeighbourScorer, anomaly_maps, reweight_image_scores
+from mhpc.core.scoring import NearestNeighbourScorer, anomaly_maps, image_scores
+from mhpc.core.threshold import check_quantile, threshold_from_scores
 from mhpc.core.timing import stage_timer
+from mhpc.data.datasets import batch_targets
 from mhpc.data.transforms import dataset_preprocessing
 from mhpc.deploy.export import export_model
 from mhpc.errors import MHPCError, NotFittedError
@@ -37,16 +40,10 @@ from mhpc.mahalanobis import OnlineCovariance, Whitener
 from mhpc.memory_bank import ApproximateGreedyCoreset, KeepAll, KMeansBank
 from mhpc.params import (BackboneName, PatchCoreAggregation, PatchCoreAlgorithm, PatchCoreDistance,
                          PatchCoreFeatureReduction, parse_backbone, parse_enum)
-from mhpc.validation import check_image_batch, check_params, warn
+from mhpc.validation import check_image_batch, check_params
 
-__all__ = [
-    "MHPatchCore",
-    "PatchCoreAlgorithm",
-    "PatchCoreAggregation",
-    "PatchCoreFeatureReduction",
-    "PatchCoreDistance",
-    "BackboneName",
-]
+__all__ = ["MHPatchCore", "PatchCoreAlgorithm", "PatchCoreAggregation", "PatchCoreFeatureReduction",
+           "PatchCoreDistance", "BackboneName"]
 
 
 class MHPatchCore:
@@ -204,26 +201,12 @@ class MHPatchCore:
 
     def _project(self, features: torch.Tensor) -> torch.Tensor:
         """Feature reduction, then the distance's space: the vectors the bank and the search use."""
-        if getattr(self, "affine_", None) is not None:
-            a_t, b = (t.to(features.device) for t in self.affine_)
-            return torch.addmm(b, features, a_t)
-        return self.space_.transform(self.reduction_.transform(features))
+        return projection.project(self.reduction_, self.space_, getattr(self, "affine_", None), features)
 
     def affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The projection (PCA, then whitening) as one affine map ``z = x @ A + b`` (float32, on the CPU;
-        A is [D, R]), or None when it is the identity; deployment graphs read it."""
-        if getattr(self, "affine_", None) is not None:  # PCA + whitening, folded at fit
-            return tuple(t.cpu().contiguous() for t in self.affine_)
-        if isinstance(self.reduction_, PCAReduction):
-            matrix, offset = self.reduction_.affine()
-        elif isinstance(self.space_, Whitener):
-            width = self.space_.mean_.shape[0]
-            matrix, offset = torch.eye(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64)
-        else:
-            return None
-        if isinstance(self.space_, Whitener):
-            matrix, offset = self.space_.compose(matrix, offset)
-        return matrix.T.float().contiguous(), offset.float().contiguous()
+        """The projection as one map ``z = x @ A + b`` (float32, CPU; A is [D, R]), or None when it is the
+        identity; deployment graphs read it."""
+        return projection.affine(self.reduction_, self.space_, getattr(self, "affine_", None))
 
     # ------------------------------------------------------------------ predict
     def _check_fitted(self) -> None:
@@ -244,17 +227,11 @@ class MHPatchCore:
         with stage_timer("nearest-neighbour search"):
             patch, nearest = self.scorer_.patch_scores(z)
         patch = patch.reshape(b, p)
-        if int(self.reweight_num_support) > 0:
-            image_scores = reweight_image_scores(
-                self.scorer_, self.memory_bank_, z.cpu().numpy().reshape(b, p, -1), patch,
-                nearest.reshape(b, p), int(self.reweight_num_support),
-            )
-        else:
-            image_scores = patch.max(axis=1)
+        scores = image_scores(self.scorer_, self.memory_bank_, z, patch, nearest, int(self.reweight_num_support))
         h, w = self.grid_shape_
         with stage_timer("upsampling and blur"):
             maps = anomaly_maps(torch.from_numpy(patch).reshape(b, h, w), tuple(self.input_shape), self.blur_sigma)
-        return image_scores.astype(np.float64), maps
+        return scores.astype(np.float64), maps
 
     def predict(self, dataloader: Iterable):
         """Returns ``scores, masks, labels_gt, masks_gt``.
@@ -264,55 +241,32 @@ class MHPatchCore:
         """
         self._check_fitted()
         scores, maps, labels, gt_masks = [], [], [], []
-        has_labels = has_masks = True
         for batch in tqdm(dataloader, desc="Scoring", disable=not self.progress, leave=False):
             s, m = self._score(self._images(batch))
             scores.append(s)
             maps.append(m)
-            if isinstance(batch, dict) and "is_anomaly" in batch:
-                labels.extend(int(v) for v in torch.as_tensor(batch["is_anomaly"]).reshape(-1).tolist())
-            else:
-                has_labels = False
-            if isinstance(batch, dict) and "mask" in batch:
-                gt = torch.as_tensor(batch["mask"])
-                gt_masks.append(gt.reshape(gt.shape[0], *gt.shape[-2:]).cpu().numpy())
-            else:
-                has_masks = False
+            label, mask = batch_targets(batch)
+            labels.append(label)
+            gt_masks.append(mask)
         if not scores:
             raise MHPCError("the test data loader yielded no images")
         return (
             np.concatenate(scores),
             np.concatenate(maps),
-            labels if has_labels else None,
-            np.concatenate(gt_masks) if has_masks else None,
+            None if None in labels else [v for batch_labels in labels for v in batch_labels],
+            None if any(m is None for m in gt_masks) else np.concatenate(gt_masks),
         )
 
     # ------------------------------------------------------------------ threshold
     def calibrate(self, dataloader: Iterable, quantile: float = 0.99) -> "MHPatchCore":
         """Sets ``threshold_`` from images of good parts that were not used for fit."""
-        if not 0.0 < quantile <= 1.0:
-            raise MHPCError(f"quantile must be in (0, 1], got {quantile}")
+        check_quantile(quantile)
         return self.calibrate_scores(self.predict(dataloader)[0], quantile)
 
     def calibrate_scores(self, scores: np.ndarray, quantile: float = 0.99) -> "MHPatchCore":
-        """Sets ``threshold_`` from image scores of held-out good images (e.g. each image's max over tiles)."""
-        if not 0.0 < quantile <= 1.0:
-            raise MHPCError(f"quantile must be in (0, 1], got {quantile}")
-        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-        if scores.size == 0 or not np.isfinite(scores).all():
-            raise MHPCError(f"calibration needs finite scores of at least one image, got {scores.size} score(s)")
-        if scores.size < 10:
-            warn(f"the threshold comes from only {scores.size} held-out image(s); with fewer than 10 it is one "
-                 "image's score or close to it, so good images will be flagged. Hold out more good images "
-                 "(mhpc fit/update --holdout F; at least 10 are held out once the set has 30).")
-        self.threshold_ = float(np.quantile(scores, quantile))
-        # The held-out images' own false-positive rate: below quantile 1 at least the highest one is flagged.
-        flagged = int((scores >= self.threshold_).sum())
-        self.threshold_stats_ = {
-            "quantile": quantile, "count": int(scores.size), "mean": float(scores.mean()),
-            "std": float(scores.std()), "max": float(scores.max()), "threshold": self.threshold_,
-            "holdout_flagged": flagged, "holdout_fpr": flagged / scores.size,
-        }
+        """Sets ``threshold_`` (and ``threshold_stats_``) from image scores of held-out good images (e.g.
+        each image's max over tiles)."""
+        self.threshold_, self.threshold_stats_ = threshold_from_scores(scores, quantile)
         return self
 
     # ------------------------------------------------------------------ deployment and persistence

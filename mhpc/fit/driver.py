@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from mhpc.core import projection
 from mhpc.core.reduction import PCAReduction
 from mhpc.core.timing import stage_timer
 from mhpc.errors import MHPCError
@@ -159,10 +160,7 @@ def refresh_whitening(model: "MHPatchCore", stats: OnlineCovariance | None, eige
 def finish_projection(model: "MHPatchCore") -> None:
     """Once PCA and whitening are final, fold PCA + whitening into one float32 affine map (L^-1 W by
     triangular solve, computed once), so scoring needs one matrix product."""
-    model.affine_ = None
-    if isinstance(model.reduction_, PCAReduction) and isinstance(model.space_, Whitener):
-        a, b = model.space_.compose(*model.reduction_.affine())
-        model.affine_ = (a.float().T.contiguous().to(model.device_), b.float().to(model.device_))
+    model.affine_ = projection.fold(model.reduction_, model.space_, model.device_)
 
 
 def finalize_bank(model: "MHPatchCore", bank: BankState, n_patches: int | None = None) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from mhpc.errors import MHPCError
-from mhpc.params import BASELINE, PARAMS, PRESET_NOTES, PRESETS, PROPOSED, defaults, preset_params  # noqa: F401
+from mhpc.params import BASELINE, PARAMS, PRESET_NOTES, PRESETS, defaults, preset_params  # noqa: F401 - re-exported
 
 # The seed's ablation terms, e.g. {"alg": "VANILLA", "agg": "GREEDY", "red": "NONE", "dist": "EUCLIDEAN"}.
 ALIASES = {"alg": "algorithm", "agg": "aggregation", "red": "feature_reduction", "dist": "distance"}

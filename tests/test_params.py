@@ -80,3 +80,4 @@ def test_public_imports_and_no_torch_for_the_package_or_the_table():
     assert PatchCoreAlgorithm is params.PatchCoreAlgorithm
     code = "import sys, mhpc, mhpc.params, mhpc.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+

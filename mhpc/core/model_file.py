@@ -95,24 +95,15 @@ def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str], key: bytes |
 
 
 def stage_tensors(model: "MHPatchCore") -> dict[str, torch.Tensor]:
-    """The fitted projection stages (PCA, whitening) as tensors: what a model file stores, and what a
-    distributed fit sends to its bank tasks."""
-    tensors = {}
-    if hasattr(model.reduction_, "components_"):
-        tensors["pca_mean"] = model.reduction_.mean_.cpu().contiguous()
-        tensors["pca_components"] = model.reduction_.components_.cpu().contiguous()
-    if hasattr(model.space_, "cholesky_"):
-        tensors["whiten_mean"] = model.space_.mean_.cpu().contiguous()
-        tensors["whiten_cholesky"] = model.space_.cholesky_.cpu().contiguous()
-    return tensors
+    """The fitted projection stages (PCA, whitening), each as it stores itself: what a model file holds,
+    and what a distributed fit sends to its bank tasks."""
+    return {**model.reduction_.to_tensors(), **model.space_.to_tensors()}
 
 
 def set_stage_tensors(model: "MHPatchCore", tensors: dict[str, torch.Tensor]) -> "MHPatchCore":
     """Sets the projection stages of a built model from ``stage_tensors`` and folds them into its map."""
-    if "pca_components" in tensors:
-        model.reduction_.set_state(tensors["pca_mean"], tensors["pca_components"])
-    if "whiten_cholesky" in tensors:
-        model.space_.set_state(tensors["whiten_mean"], tensors["whiten_cholesky"])
+    model.reduction_.load_tensors(tensors)
+    model.space_.load_tensors(tensors)
     finish_projection(model)
     return model
 

@@ -93,7 +93,7 @@ def child_fit(data: str, n: int, address: str, model_out: str) -> dict:
     import torch
 
     from mhpc.core.mh_patch_core import MHPatchCore
-    from mhpc.distributed import fit_distributed, image_batches
+    from mhpc.distributed import image_batches
 
     paths = _train_paths(data, n)
     model = MHPatchCore(**CONFIG)
@@ -107,7 +107,7 @@ def child_fit(data: str, n: int, address: str, model_out: str) -> dict:
     if address.startswith("single"):
         model.fit(image_batches(paths, model.input_shape, BATCH))
     else:
-        fit_distributed(model, paths, batch_size=BATCH)  # uses the connection made above
+        model.fit_distributed(paths, batch_size=BATCH)  # uses the connection made above
     seconds = time.perf_counter() - start
     model.save(model_out)
     grid, dim = model.grid_shape_, int(model.target_embed_dimension)  # raw patch features: D floats each

@@ -27,10 +27,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         if param.choices is not None:
             g.add_argument(param.flag, dest=param.name, choices=[m.name for m in param.choices], type=str.upper,
                            help=param.help)
-        elif param.name == "embedding_layers":
-            g.add_argument(param.flag, dest=param.name, nargs="+", help=param.help)
         else:
-            g.add_argument(param.flag, dest=param.name, type=param.cli_type, help=param.help)
+            g.add_argument(param.flag, dest=param.name, type=param.cli_type, nargs=param.nargs, help=param.help)
     g.add_argument("--random-init", action="store_true", help="random backbone weights (for tests only)")
     g.add_argument("--weights", metavar="FILE",
                    help="the backbone's weights from a local state-dict file (.pth/.pt read with "

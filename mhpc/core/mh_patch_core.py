@@ -22,10 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from mhpc import params
-from mhpc.core import model_file
+from mhpc.core import model_file, projection
 from mhpc.core.backbones import default_layers, load_backbone
 from mhpc.core.feature_extractor import PatchFeatureExtractor
-from mhpc.core import projection
 from mhpc.core.reduction import Identity, PCAReduction
 from mhpc.core.scoring import NearestNeighbourScorer, anomaly_maps, image_scores
 from mhpc.core.threshold import check_quantile, threshold_from_scores
@@ -34,7 +33,7 @@ from mhpc.data.datasets import batch_targets
 from mhpc.data.transforms import dataset_preprocessing
 from mhpc.deploy.export import export_model
 from mhpc.errors import MHPCError, NotFittedError
-from mhpc.fit import driver, passes
+from mhpc.fit import driver, passes, ray_executor
 from mhpc.fit.state import BankState
 from mhpc.mahalanobis import OnlineCovariance, Whitener
 from mhpc.memory_bank import ApproximateGreedyCoreset, KeepAll, KMeansBank
@@ -256,6 +255,14 @@ class MHPatchCore:
             None if None in labels else [v for batch_labels in labels for v in batch_labels],
             None if any(m is None for m in gt_masks) else np.concatenate(gt_masks),
         )
+
+    def fit_distributed(self, images: Any, ray_address: str | None = None, num_shards: int | None = None,
+                        batch_size: int = 8, max_retries: int = 3,
+                        preprocessing: dict[str, Any] | None = None) -> "MHPatchCore":
+        """Fits on a Ray cluster (extra ``distributed``): the fit schedule with the image paths split into
+        shards, one task per shard (``mhpc.fit.ray_executor.fit_distributed`` has the arguments)."""
+        return ray_executor.fit_distributed(self, images, ray_address, num_shards, batch_size, max_retries,
+                                            preprocessing)
 
     # ------------------------------------------------------------------ threshold
     def calibrate(self, dataloader: Iterable, quantile: float = 0.99) -> "MHPatchCore":

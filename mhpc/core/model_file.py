@@ -38,7 +38,7 @@ from mhpc._version import __version__
 from mhpc.core.backbones import state_fingerprint
 from mhpc.core.model_schema import check_config, check_state, check_tensors
 from mhpc.errors import MHPCError, ModelFileError, NotFittedError
-from mhpc.fit.driver import finish_projection
+from mhpc.fit.driver import set_stage_tensors, stage_tensors
 from mhpc.fit.state import FitState, has_fit_state
 from mhpc.keys import KEY_ENV, model_key, normalise_key  # noqa: F401 - re-exported for callers
 
@@ -92,20 +92,6 @@ def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str], key: bytes |
         h.update(key.encode() + b"\0" + str(t.dtype).encode() + str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
-
-
-def stage_tensors(model: "MHPatchCore") -> dict[str, torch.Tensor]:
-    """The fitted projection stages (PCA, whitening), each as it stores itself: what a model file holds,
-    and what a distributed fit sends to its bank tasks."""
-    return {**model.reduction_.to_tensors(), **model.space_.to_tensors()}
-
-
-def set_stage_tensors(model: "MHPatchCore", tensors: dict[str, torch.Tensor]) -> "MHPatchCore":
-    """Sets the projection stages of a built model from ``stage_tensors`` and folds them into its map."""
-    model.reduction_.load_tensors(tensors)
-    model.space_.load_tensors(tensors)
-    finish_projection(model)
-    return model
 
 
 def save_model(model: "MHPatchCore", path: str | os.PathLike, keep_fit_state: bool = True) -> Path:

@@ -163,6 +163,20 @@ def finish_projection(model: "MHPatchCore") -> None:
     model.affine_ = projection.fold(model.reduction_, model.space_, model.device_)
 
 
+def stage_tensors(model: "MHPatchCore") -> dict[str, torch.Tensor]:
+    """The fitted projection stages (PCA, whitening), each as it stores itself: what a model file holds,
+    and what a Ray fit sends to its bank tasks."""
+    return {**model.reduction_.to_tensors(), **model.space_.to_tensors()}
+
+
+def set_stage_tensors(model: "MHPatchCore", tensors: dict[str, torch.Tensor]) -> "MHPatchCore":
+    """Sets the projection stages of a built model from ``stage_tensors`` and folds them into its map."""
+    model.reduction_.load_tensors(tensors)
+    model.space_.load_tensors(tensors)
+    finish_projection(model)
+    return model
+
+
 def finalize_bank(model: "MHPatchCore", bank: BankState, n_patches: int | None = None) -> None:
     """The merged bank state reduced by the strategy's ``finalize`` (``n_patches``: all the fit's patches;
     None: a KMEANS bank's counts, and no further reduction for the others), then the bank and the scorer.

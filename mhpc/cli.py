@@ -661,7 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the model's name in the protocol (default: the folder's name or the file's stem)")
     p.add_argument("--max-batch", type=int, default=8, help="images per engine batch at most (8)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long the first image of a batch waits for more (5 ms; 0: no waiting)")
+                   help="how long a batch waits for the images of requests still being read (5 ms; 0: no "
+                        "waiting); a lone request is dispatched at once")
     p.add_argument("--max-queue", type=int, default=64,
                    help="images waiting at most; beyond it requests get 503 with Retry-After (64)")
     p.add_argument("--timeout-s", type=float, default=30.0, help="per-request limit; beyond it 504 (30 s)")

@@ -214,9 +214,9 @@ def test_update_auroc_close_to_refit(demo_like, aggregation):
 
 
 def test_kmeans_is_one_way_on_every_path(demo_like):
-    """VANILLA (one chunk, clustered straight to k), ONLINE in chunks (over-sampled, then the weighted
-    reduce) and update agree in image AUROC; each figure is the mean of three k-means seeds, as one
-    k-means local optimum moves it by about 0.01 here."""
+    """VANILLA (its patches held in memory) and ONLINE (streamed) cut the same k-means chunks and build
+    the same bank; update agrees with a refit in image AUROC (the mean of three k-means seeds, as one
+    k-means local optimum moves it by about 0.01 here)."""
     from mhpc.metrics import image_auroc
 
     train, test = demo_like
@@ -224,22 +224,29 @@ def test_kmeans_is_one_way_on_every_path(demo_like):
     labels = [int(v) for batch in test for v in batch["is_anomaly"]]
     cfg = dict(distance="MAHALANOBIS", aggregation="KMEANS", backbone="mobilenet_v2", embedding_layers=None,
                pretrained=True, input_shape=(DEMO_SIZE, DEMO_SIZE), kmeans_clusters=100,
-               kmeans_batch_size=256)  # ONLINE: 3 chunks of 256 patches
+               kmeans_batch_size=256)  # 3 chunks of 256 patches, streamed or held in memory
+
+    # A fraction, as the presets use (an int count's share per chunk needs the total, which a list of
+    # batches does not tell the stream in advance).
+    pca = dict(cfg, feature_reduction="PCA", kmeans_clusters=0.13)
+    vanilla = tiny_model(**pca, algorithm="VANILLA").fit(train)
+    online = tiny_model(**pca, algorithm="ONLINE").fit(train)
+    # The same chunks of the same projected patches; only the float rounding of projecting a batch or the
+    # whole matrix differs.
+    torch.testing.assert_close(vanilla.memory_bank_, online.memory_bank_, rtol=0, atol=1e-4)
+    v_auroc, o_auroc = (image_auroc(labels, m.predict(test)[0]) for m in (vanilla, online))
+    assert v_auroc > 0.9 and abs(v_auroc - o_auroc) <= 1e-3, (v_auroc, o_auroc)
 
     def mean_auroc(make):
         return float(np.mean([image_auroc(labels, make(seed).predict(test)[0]) for seed in (0, 1, 2)]))
 
-    pca = dict(cfg, feature_reduction="PCA")
-    vanilla = mean_auroc(lambda seed: tiny_model(**pca, algorithm="VANILLA", seed=seed).fit(train))
-    online = mean_auroc(lambda seed: tiny_model(**pca, algorithm="ONLINE", seed=seed).fit(train))
     # update keeps the first fit's PCA basis, which costs GREEDY as much as KMEANS (about 0.01 here), so
     # the k-means is compared without PCA.
     refit = mean_auroc(lambda seed: tiny_model(**cfg, algorithm="ONLINE", seed=seed).fit(train))
     update = mean_auroc(lambda seed: tiny_model(**cfg, algorithm="ONLINE", seed=seed).fit(a).update(b))
-    print(f"image AUROC, mean of 3 seeds: VANILLA {vanilla:.4f}, ONLINE {online:.4f}; "
-          f"without PCA: refit {refit:.4f}, update {update:.4f}")
-    assert vanilla > 0.9 and refit > 0.9
-    assert abs(online - vanilla) <= 0.01, (online, vanilla)
+    print(f"image AUROC: VANILLA {v_auroc:.4f}, ONLINE {o_auroc:.4f}; "
+          f"without PCA, mean of 3 seeds: refit {refit:.4f}, update {update:.4f}")
+    assert refit > 0.9
     assert abs(update - refit) <= 0.01, (update, refit)
 
 

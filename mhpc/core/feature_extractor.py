@@ -21,6 +21,7 @@ dimension is the sum of the layers' channels).
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,13 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from mhpc.core.timing import stage_timer
 from mhpc.errors import MHPCError
+
+
+# FX tracing (create_feature_extractor) patches torch.nn.Module.__call__ for the whole process while it runs,
+# so a module called from another thread meanwhile is traced by mistake and fails ("module is not installed
+# as a submodule"): e.g. `mhpc serve` scoring while it loads a new model. Tracing holds this lock, and code
+# that runs modules while another thread may be building a model (the server's engine) holds it too.
+FX_TRACE_LOCK = threading.Lock()
 
 
 def adaptive_windows(d_in: int, d_out: int) -> list[tuple[int, int]]:
@@ -92,7 +100,8 @@ class PatchFeatureExtractor(nn.Module):
             raise MHPCError("embedding_layers must name at least one layer")
         try:
             # FX-traced graph keeps only the nodes up to the last requested layer.
-            self.body = create_feature_extractor(backbone, return_nodes={l: l for l in layers})
+            with FX_TRACE_LOCK:
+                self.body = create_feature_extractor(backbone, return_nodes={l: l for l in layers})
         except Exception as exc:  # noqa: BLE001
             raise MHPCError(f"cannot extract layers {layers} from the backbone: {exc}") from None
         self.body.eval()

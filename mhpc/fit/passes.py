@@ -85,7 +85,7 @@ def statistics_pass(model: "MHPatchCore", loader: Iterable, keep: str | None = N
 def bank_pass(model: "MHPatchCore", shard: Iterable | Patches, resume: BankState | None = None,
               n_images: int | None = None, alone: bool = True, desc: str = "memory bank") -> FitState:
     """One pass: the bank state of the shard's projected patches (continuing ``resume`` if given).
-    Patches held in memory are one chunk. ``n_images``: the images of the whole fit when known (an int
+    Patches held in memory are one greedy-coreset chunk. ``n_images``: the images of the whole fit when known (an int
     k-means cluster count needs it), else the shard's loader length; ``alone``: the fit's only shard."""
     in_memory = isinstance(shard, Patches)
     aggregator, counter = None, [0]
@@ -97,7 +97,10 @@ def bank_pass(model: "MHPatchCore", shard: Iterable | Patches, resume: BankState
             n_images = n_images if n_images is not None else (None if in_memory else dataset_len(shard))
             if expected is None and n_images is not None:
                 expected = n_images * per_image
-            aggregator = model._make_aggregator(expected, sys.maxsize if in_memory else None, alone)
+            # In memory, the greedy coreset runs on the whole shard at once (PatchCore's own algorithm);
+            # k-means cuts the same fixed-size chunks as a stream would (mhpc/memory_bank/kmeans.py).
+            whole = in_memory and model.aggregation_.value == "GREEDY"
+            aggregator = model._make_aggregator(expected, sys.maxsize if whole else None, alone)
             if resume is not None:
                 aggregator.resume(resume)
         with stage_timer("projection"):

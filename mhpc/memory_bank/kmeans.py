@@ -50,8 +50,10 @@ KMEANS_CHUNK_ITERATIONS = 2
 class KMeansBank(MemoryBankStrategy):
     """k-means centroids as the memory bank, by merge and reduce, the same on every path.
 
-    The projected patches are cut into chunks of ``chunk_size`` rows (``kmeans_batch_size``; VANILLA's
-    in-memory shard and a fit smaller than a chunk are one chunk). A chunk of n rows is over-sampled
+    The projected patches are cut into chunks of exactly ``chunk_size`` rows (``kmeans_batch_size``), in
+    the order the rows come, whether streamed (ONLINE) or held in memory (VANILLA), so both paths cut the
+    same chunks and build the same bank; the last chunk takes the remainder (up to 2 chunks' rows), and a
+    fit of fewer than two chunks' rows is one chunk. A chunk of n rows is over-sampled
     into ceil(4 f n) centroids, f being the bank's fraction of the patches (the ``kmeans_clusters``
     fraction, or an int count k over the expected patch count, and then at least k): k-means++ seeds,
     two Lloyd iterations, each centroid weighted by its patches. ``finalize`` reduces the union of all
@@ -101,7 +103,7 @@ class KMeansBank(MemoryBankStrategy):
         ``KMeans``, run to convergence."""
         # float64 on purpose: for float32 input sklearn's distances take a chunked upcast path that
         # measured ~5x slower than plain float64 input; a chunk is a few thousand rows.
-        data = rows.numpy()
+        data = rows.double().numpy()
         seed = self.seed + len(self._rows)
         if final:
             with tqdm(total=1, desc=f"k-means: {data.shape[0]} patches into {k} centres", leave=False,
@@ -117,7 +119,7 @@ class KMeansBank(MemoryBankStrategy):
 
     def _start(self) -> None:
         if not hasattr(self, "_buffer"):
-            self._buffer = RowBuffer(self.chunk_size // 2)  # emits chunks of at least chunk_size rows
+            self._buffer = RowBuffer(self.chunk_size, exact=True)  # chunks independent of the batching
             self._rows: list[torch.Tensor] = []
             self._counts: list[torch.Tensor] = []
             self._seen = 0
@@ -131,7 +133,7 @@ class KMeansBank(MemoryBankStrategy):
 
     def partial_fit(self, features: torch.Tensor) -> "KMeansBank":
         self._start()
-        for chunk in self._buffer.push(features.detach().cpu().double()):
+        for chunk in self._buffer.push(features.detach().cpu()):
             self._seen += chunk.shape[0]
             self._cluster(chunk, self._chunk_clusters(chunk.shape[0]))
         return self
@@ -153,10 +155,13 @@ class KMeansBank(MemoryBankStrategy):
         return state
 
     def carry(self, state: BankState, bank: BankState, n_patches: int) -> BankState:
-        """The merged centroids, at most 4 k of them (a weighted k-means bounds a larger union), so that
-        ``update`` reduces them with its new chunks as a refit would, rather than the k centres alone."""
+        """The merged centroids, so that ``update`` reduces them with its new chunks as a refit would, rather
+        than the k centres alone. A fractional count's union is about 4 k already (each chunk keeps 4 times
+        its share); an int count's can be far larger (each chunk keeps at least k), and only a union above
+        8 k is reduced, to 4 k: reducing a union barely above 4 k would cost a k-means as large as the fit's
+        and save nothing."""
         k = resolve_cluster_count(self.clusters, max(1, int(n_patches)))
-        return state if state.rows.shape[0] <= KMEANS_OVERSAMPLE * k else reduce_centroids(
+        return state if state.rows.shape[0] <= 2 * KMEANS_OVERSAMPLE * k else reduce_centroids(
             state, KMEANS_OVERSAMPLE * k, self.seed)
 
     def finalize(self, state: BankState, n_patches: int) -> BankState:

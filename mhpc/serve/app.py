@@ -31,7 +31,7 @@ from mhpc._version import __version__
 from mhpc.errors import MHPCError
 from mhpc.serve.batching import Batcher, QueueFull
 from mhpc.serve.metrics import ServerMetrics
-from mhpc.serve.model import ServedModel, file_signature, model_files
+from mhpc.serve.model import ServedModel, file_signature, load_model, model_files
 
 log = logging.getLogger("mhpc.serve")
 INPUT_NAME = "images"  # the exported graph's input (mhpc.deploy.export.INPUT_NAME)
@@ -108,7 +108,7 @@ class ServerState:
 
     def __init__(self, settings: ServeSettings, model: ServedModel | None = None) -> None:
         self.settings = settings.check()
-        self.model = model or ServedModel(settings.model, settings.engine, settings.device)
+        self.model = model or load_model(settings.model, settings.engine, settings.device)
         self.name = settings.name or default_name(self.model.path, settings.engine)
         self.files = model_files(self.model.path, settings.engine)
         self.signature = file_signature(self.files)
@@ -159,7 +159,7 @@ class ServerState:
             loop = asyncio.get_running_loop()
             s = self.settings
             try:
-                new = await loop.run_in_executor(self._load_pool, ServedModel, s.model, s.engine, s.device)
+                new = await loop.run_in_executor(self._load_pool, load_model, s.model, s.engine, s.device)
             except Exception as exc:  # noqa: BLE001 - any failure to load keeps the old model serving
                 self.signature = signature  # do not retry the same bad file; a new write changes the signature
                 self.last_reload_error = f"{exc}"
@@ -190,22 +190,26 @@ class ServerState:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pre_pool, model.preprocess_bytes, data, name, self.tmpdir, keep)
 
-    async def score(self, model: ServedModel, images: list) -> list[tuple[float, np.ndarray]]:
-        """Queues the images (all or none) and waits for all their results, within the request timeout."""
-        results = await self.score_each(model, images)
+    async def score(self, model: ServedModel, images: list, arrival=None) -> list[tuple[float, np.ndarray, Any]]:
+        """Queues the images (all or none) and waits for all their (score, map, verdict), within the request
+        timeout."""
+        results = await self.score_each(model, images, arrival=arrival)
         failed = next((r for r in results if isinstance(r, ApiError)), None)
         if failed is not None:
             raise failed
         return results
 
-    async def score_each(self, model: ServedModel, images: list) -> list:
-        """As ``score``, but an image the engine failed on is an ApiError in its place, not a failed request."""
+    async def score_each(self, model: ServedModel, images: list, map_sizes: list | None = None,
+                         arrival=None) -> list:
+        """As ``score``, but an image the engine failed on is an ApiError in its place, not a failed request.
+        ``map_sizes``: per image, the (width, height) its map is wanted at, or None."""
         s = self.settings
         if len(images) > s.max_queue:
-            raise ApiError(413, f"{len(images)} images in one request; this server takes at most {s.max_queue} "
-                                "(--max-queue)")
+            tiles = " (a tiled model counts each tile)" if model.preprocessing.get("tile") else ""
+            raise ApiError(413, f"{len(images)} images{tiles} in one request; this server takes at most "
+                                f"{s.max_queue} (--max-queue)")
         try:
-            futures = self.batcher.submit(model, images)
+            futures = self.batcher.submit(model, images, map_sizes, arrival)
         except QueueFull as exc:
             raise ApiError(503, f"server busy: {exc}; retry shortly", {"Retry-After": "1"}) from None
         try:
@@ -225,11 +229,19 @@ def _png_b64(rgb: np.ndarray) -> str:
 
 def _map_payload(fmt: str, model: ServedModel, prepared, amap: np.ndarray) -> dict[str, Any]:
     """The map and the overlay exactly as `mhpc predict` writes them (maps/*.npy, overlays/*.png): in the
-    image's own coordinates for a whole-image model, over the centre crop for a centre-cropped one."""
-    from mhpc.data.transforms import denormalize
-    from mhpc.prediction import in_image_coordinates, render_overlay
+    image's own coordinates for a whole-image model, over the centre crop for a centre-cropped one. ``amap``
+    is already in those coordinates (``ServedModel.map_in_image``, on the engine thread); no torch here."""
+    from mhpc.prediction import render_overlay
 
-    rgb, amap = in_image_coordinates(prepared.path, denormalize(prepared.image), amap, prepared.preprocessing)
+    pre = prepared.preprocessing  # the image under the map, as mhpc predict picks it: the original image for a
+    rgb = prepared.original if pre.get("crop") == "none" else prepared.image  # whole-image or tiled model
+    if prepared.boxes is not None:  # a tiled model: the tiles' maps stitched, overlaps averaged (predict_tiled)
+        height, width = rgb.shape[:2]
+        total, count = np.zeros((height, width), np.float64), np.zeros((height, width), np.float64)
+        for (top, left, th, tw), tile_map in zip(prepared.boxes, amap):
+            total[top:top + th, left:left + tw] += tile_map
+            count[top:top + th, left:left + tw] += 1
+        amap = total / count
     amap = np.asarray(amap, dtype=np.float32)
     out: dict[str, Any] = {"map_shape": list(amap.shape),
                            "overlay_png": _png_b64(render_overlay(rgb, amap, model.threshold))}
@@ -245,6 +257,20 @@ def _map_payload(fmt: str, model: ServedModel, prepared, amap: np.ndarray) -> di
         out["map_png"] = base64.b64encode(buf.getvalue()).decode("ascii")
         out["map_png_range"] = [0.0, vmax]
     return out
+
+
+def _combine(model: ServedModel, prepared, parts: list) -> Any:
+    """One image's (score, map, verdict) from its engine results; a tiled model's as `mhpc predict` combines its
+    tiles: the highest tile score, any tile's verdict for an exported graph (else score >= threshold), the
+    tiles' maps (stitched when drawn). An engine error on any part is the image's error."""
+    failed = next((r for r in parts if isinstance(r, ApiError)), None)
+    if failed is not None:
+        return failed
+    if prepared.boxes is None:
+        return parts[0]
+    score = max(s for s, _, _ in parts)
+    verdict = any(v for _, _, v in parts) if model.engine != "torch" else model.is_anomaly(score)
+    return score, [m for _, m, _ in parts], verdict
 
 
 def _parse_tensor(body: Any, model: ServedModel) -> np.ndarray:
@@ -339,35 +365,46 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None) -> Fas
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise ApiError(415, "send the images as multipart/form-data (curl -F file=@image.png)")
-        try:
-            form = await request.form(max_files=settings.max_queue, max_fields=settings.max_queue)
-        except BodyTooLarge:
-            raise
-        except Exception as exc:  # noqa: BLE001 - malformed multipart bodies, too many parts
-            raise ApiError(400, f"unreadable multipart body: {getattr(exc, 'detail', exc)}") from None
-        uploads = [(key, v) for key, v in form.multi_items() if hasattr(v, "read")]
-        if not uploads:
-            raise ApiError(400, "no image in the request: send one or more files as multipart form fields")
-        model = state.model  # one model for the whole request, even across a reload
-        names = [u.filename or key for key, u in uploads]
-        datas = [await u.read() for _, u in uploads]
-        await form.close()
-        started = time.perf_counter()
-        prepared = await asyncio.gather(*(state.preprocess(model, d, n, keep=map is not None)
-                                          for d, n in zip(datas, names)), return_exceptions=True)
-        try:
-            return await _answer(model, names, prepared, started, map)
-        finally:
-            for p in prepared:
-                if not isinstance(p, BaseException) and p.path is not None:
-                    p.path.unlink(missing_ok=True)
+        with state.batcher.coming() as arrival:  # a batch being gathered may wait for this request's images
+            try:
+                form = await request.form(max_files=settings.max_queue, max_fields=settings.max_queue)
+            except BodyTooLarge:
+                raise
+            except Exception as exc:  # noqa: BLE001 - malformed multipart bodies, too many parts
+                raise ApiError(400, f"unreadable multipart body: {getattr(exc, 'detail', exc)}") from None
+            uploads = [(key, v) for key, v in form.multi_items() if hasattr(v, "read")]
+            if not uploads:
+                raise ApiError(400, "no image in the request: send one or more files as multipart form fields")
+            model = state.model  # one model for the whole request, even across a reload
+            names = [u.filename or key for key, u in uploads]
+            datas = [await u.read() for _, u in uploads]
+            await form.close()
+            started = time.perf_counter()
+            prepared = await asyncio.gather(*(state.preprocess(model, d, n, keep=map is not None)
+                                              for d, n in zip(datas, names)), return_exceptions=True)
+            return await _answer(model, names, prepared, started, map, arrival)
 
-    async def _answer(model: ServedModel, names: list[str], prepared: list, started: float, map: str | None):
+    async def _answer(model: ServedModel, names: list[str], prepared: list, started: float, map: str | None,
+                      arrival):
         good = [i for i, p in enumerate(prepared) if not isinstance(p, BaseException)]
         results: dict[int, Any] = {}
         if good:
-            scored = await state.score_each(model, [prepared[i].image for i in good])
-            results = dict(zip(good, scored))
+            images, sizes, owner = [], [], []  # a tiled model: one engine image per tile
+            for i in good:
+                p = prepared[i]
+                if p.boxes is None:
+                    images.append(p.image)
+                    sizes.append(p.size)
+                    owner.append(i)
+                else:
+                    images += list(p.image)
+                    sizes += [(tw, th) for _, _, th, tw in p.boxes]
+                    owner += [i] * len(p.boxes)
+            scored = await state.score_each(model, images, sizes if map is not None else None, arrival)
+            parts: dict[int, list] = {}
+            for i, result in zip(owner, scored):
+                parts.setdefault(i, []).append(result)
+            results = {i: _combine(model, prepared[i], parts[i]) for i in good}
         elapsed = time.perf_counter() - started
         loop = asyncio.get_running_loop()
         out, first_error, n_ok = [], None, 0
@@ -384,9 +421,9 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None) -> Fas
                 first_error = first_error or (status, message)
                 out.append({"filename": name, "error": message, "status": status})
                 continue
-            score, amap = results[i]
+            score, amap, verdict = results[i]
             width, height = p.size
-            item = {"filename": name, "score": score, "is_anomaly": model.is_anomaly(score),
+            item = {"filename": name, "score": score, "is_anomaly": verdict,
                     "threshold": model.threshold, "width": width, "height": height, "time_s": round(elapsed, 6)}
             if map is not None:  # image encoding off the event loop
                 item.update(await loop.run_in_executor(state._pre_pool, _map_payload, map, model, p, amap))
@@ -442,24 +479,24 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None) -> Fas
     @app.post("/v2/models/{name}/infer")
     async def infer(name: str, request: Request):
         _check_name(name)
-        try:
-            body = await request.json()
-        except BodyTooLarge:
-            raise
-        except Exception:  # noqa: BLE001 - not JSON
-            raise ApiError(400, "the request body is not JSON (the protocol's JSON tensor form)") from None
-        model = state.model
-        images = _parse_tensor(body, model)
-        tensors = list(model.from_uint8(images))
-        scored = await state.score(model, tensors)
-        scores = np.array([s for s, _ in scored], dtype=np.float32)
-        maps = np.stack([m for _, m in scored]).astype(np.float32)
+        with state.batcher.coming() as arrival:  # a batch being gathered may wait for this request's images
+            try:
+                body = await request.json()
+            except BodyTooLarge:
+                raise
+            except Exception:  # noqa: BLE001 - not JSON
+                raise ApiError(400, "the request body is not JSON (the protocol's JSON tensor form)") from None
+            model = state.model
+            images = _parse_tensor(body, model)  # the graph's own input: uint8 pixels, scored as they are
+            scored = await state.score(model, list(images), arrival)
+        scores = np.array([s for s, _, _ in scored], dtype=np.float32)
+        maps = np.stack([m for _, m, _ in scored]).astype(np.float32)
         b = len(scored)
         outputs = [{"name": "scores", "datatype": "FP32", "shape": [b], "data": scores.tolist()},
                    {"name": "maps", "datatype": "FP32", "shape": list(maps.shape), "data": maps.reshape(-1).tolist()}]
         if model.threshold is not None:
             outputs.append({"name": "is_anomaly", "datatype": "BOOL", "shape": [b],
-                            "data": [model.is_anomaly(float(s)) for s, _ in scored]})
+                            "data": [bool(v) for _, _, v in scored]})
         wanted = body.get("outputs")
         if isinstance(wanted, list) and wanted:
             names = {o.get("name") for o in wanted if isinstance(o, dict)}
@@ -468,7 +505,7 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None) -> Fas
                 raise ApiError(400, f"unknown output(s) {sorted(map(str, unknown))}; the model has "
                                     f"{[o['name'] for o in outputs]}")
             outputs = [o for o in outputs if o["name"] in names]
-        for s, _ in scored:
+        for s, _, _ in scored:
             state.metrics.scores.observe(s)
         answer = {"model_name": state.name, "model_version": model.sha256[:12], "outputs": outputs}
         if isinstance(body.get("id"), str):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,14 +50,42 @@ def file_signature(files: list[Path]) -> tuple:
     return tuple(sig)
 
 
+def load_model(path: str, engine: str = "torch", device: str = "cpu") -> "ServedModel":
+    """``ServedModel(path, engine, device)``, loaded in a thread of its own that ends with the load.
+
+    Why: torch's OpenMP workers spin between the many small parallel regions of a forward pass only while
+    the process has no more OpenMP threads than cores; every thread that once ran a parallel torch op keeps
+    a team of workers until it exits. A model loaded on the main thread (or any long-lived thread) would
+    leave such a team, and the engine thread's workers would then sleep and be woken for every region:
+    measured, about 480 voluntary context switches per batch-1 forward instead of about 6, which is most of
+    the gap between the server's one-client latency and `mhpc predict`'s batch-1 time. So the server runs
+    torch on the engine thread only (``ServedModel.score``); loading happens here and leaves nothing behind."""
+    box: dict[str, Any] = {}
+
+    def load() -> None:
+        try:
+            box["model"] = ServedModel(path, engine, device)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=load, name="mhpc-load", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["model"]
+
+
 @dataclass
 class Prepared:
     """One image read and preprocessed for a model."""
 
-    image: torch.Tensor  # the model's input [3, H, W]
+    image: np.ndarray  # the model's input pixels, uint8 [H, W, 3] at the input size (mhpc.data.geometry)
     size: tuple[int, int]  # the image's own (width, height)
-    preprocessing: dict[str, Any]  # as the dataset settled it (bit depth of 16-bit images)
-    path: Path | None = None  # the upload's temporary file while its map is still to be drawn
+    preprocessing: dict[str, Any]  # the model's
+    original: np.ndarray | None = None  # the decoded image (uint8 RGB), kept when its map is to be drawn on it
+    boxes: list[tuple[int, int, int, int]] | None = None  # a tiled model: (top, left, h, w) of each tile;
+    # ``image`` then holds the tiles' pixels, [T, H, W, 3]
 
 
 @dataclass
@@ -91,14 +120,21 @@ class ServedModel:
                 break
         else:
             raise MHPCError(f"{files[0]} kept changing while it was loaded; try again when it is written")
-        if self.preprocessing.get("tile"):
-            raise MHPCError(f"{self.path} was fitted on tiles; mhpc serve scores whole images (use mhpc predict)")
         self.sha256 = before[0]
         mtime = files[0].stat().st_mtime
         self.saved = _dt.datetime.fromtimestamp(mtime, _dt.timezone.utc).isoformat(timespec="seconds")
         self.n_train_images = getattr(self.scorer, "n_train_images_", None)
         self.loaded_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self.input_shape = tuple(int(s) for s in self.preprocessing["input_size"])
+        if self.engine == "torch":  # predict's own transform, less its first step (the uint8 geometry, done above)
+            from torchvision.transforms import v2 as T
+
+            from mhpc.data.transforms import PillowGeometry, build_transforms
+
+            steps = build_transforms(self.preprocessing)[0].transforms
+            if not isinstance(steps[0], PillowGeometry):  # the server does that step itself, in preprocess_file
+                raise RuntimeError("mhpc.data.transforms.build_transforms no longer starts with PillowGeometry")
+            self._normalise = T.Compose(steps[1:])
 
     @staticmethod
     def _hash(files: list[Path]) -> list[str] | None:
@@ -114,51 +150,84 @@ class ServedModel:
                 "n_train_images": self.n_train_images, "threshold": self.threshold, "loaded_at": self.loaded_at}
 
     # ------------------------------------------------------------ preprocessing (mhpc predict's own)
-    def preprocess_file(self, path: Path) -> Prepared:
-        """One image file -> its model input, through the dataset class `mhpc predict` reads with: same
-        decoding, size guards, bit depth and transform."""
-        from mhpc.data.datasets import ImageFilesDataset
+    def preprocess_file(self, path: Path, keep: bool = False) -> Prepared:
+        """One image file -> its model input pixels, as `mhpc predict` reads it, decoded once: its reader
+        (``load_rgb``: the size guards before decoding, the modes, a 16-bit image scaled by its sBIT depth,
+        else the model's, else 16 bits: the depth ``ImageFilesDataset.validate`` settles for a single image),
+        then the uint8 geometry that is the first step of predict's transform. The rest of that transform
+        (to float, normalise) runs in ``score``, on the engine thread: no torch here, so preprocessing
+        threads never start OpenMP teams of their own (see ``load_model``). ``keep``: the decoded image is
+        kept (``Prepared.original``) for drawing the map on it."""
+        from mhpc.data.geometry import prepare_image
+        from mhpc.data.io import load_rgb
 
-        ds = ImageFilesDataset([path], preprocessing=self.preprocessing).validate()
-        return Prepared(ds[0]["image"], tuple(ds.sizes_[0]), dict(ds.preprocessing), Path(path))
+        img = load_rgb(Path(path), self.preprocessing.get("bit_depth"))
+        original = np.asarray(img) if keep else None
+        tile = self.preprocessing.get("tile")
+        if tile:  # as mhpc.data.tiling.TiledDataset: every tile of the original image through the same geometry
+            from mhpc.data.tiling import tile_boxes
+
+            boxes = tile_boxes(img.height, img.width, *tile)
+            pixels = np.stack([np.asarray(prepare_image(img.crop((left, top, left + tw, top + th)), self.preprocessing),
+                                          dtype=np.uint8) for top, left, th, tw in boxes])
+            return Prepared(pixels, img.size, dict(self.preprocessing), original, boxes)
+        pixels = np.asarray(prepare_image(img, self.preprocessing), dtype=np.uint8)
+        return Prepared(pixels, img.size, dict(self.preprocessing), original)
 
     def preprocess_bytes(self, data: bytes, name: str, tmpdir: Path, keep: bool = False) -> Prepared:
-        """An uploaded image: written to a private temporary file (the readers take paths), preprocessed
-        by ``preprocess_file``; error messages name the upload, not the temporary file. ``keep``: the file
-        stays (``Prepared.path``) for drawing the map on the original image; the caller removes it."""
+        """An uploaded image: written to a private temporary file (the readers take paths; it is removed
+        before this returns), preprocessed by ``preprocess_file``; error messages name the upload, not the
+        temporary file."""
         if not data:
             raise MHPCError(f"image {name} is empty (0 bytes)")
         fd, tmp = tempfile.mkstemp(prefix=f"{uuid.uuid4().hex}-", dir=tmpdir)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-            prepared = self.preprocess_file(Path(tmp))
+            return self.preprocess_file(Path(tmp), keep)
         except MHPCError as exc:
-            Path(tmp).unlink(missing_ok=True)
             raise MHPCError(str(exc).replace(tmp, name)) from None
-        except BaseException:
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
-        if not keep:
-            Path(tmp).unlink(missing_ok=True)
-            prepared.path = None
-        return prepared
 
-    def from_uint8(self, images: np.ndarray) -> torch.Tensor:
-        """The exported graph's input (uint8 [B, H, W, 3] at the input size) -> the normalised tensors the
-        scorers take, normalised as the graph normalises (x / 255 - ImageNet mean) / ImageNet std."""
-        from mhpc.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    # ------------------------------------------------------------ scoring (on the engine thread)
+    def score(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[bool | None]]:
+        """(scores [B] float64, maps [B, H, W] float32, verdicts [B]) for a batch of input pixels, uint8
+        [B, H, W, 3] at the input size (what ``preprocess_file`` gives and what the v2 protocol sends).
 
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
-        mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-        std = torch.tensor(IMAGENET_STD)[:, None, None]
-        return (x - mean) / std
+        torch: the pixels go through the rest of `mhpc predict`'s transform (to float, normalise) image by
+        image, so the model sees exactly predict's tensors. An exported graph takes the pixels themselves
+        (it normalises inside, as `mhpc predict --engine` feeds it). The verdicts are `mhpc predict`'s:
+        the exported graph's own ``is_anomaly`` output (it compares in float32), else score >= threshold."""
+        from mhpc.core.feature_extractor import FX_TRACE_LOCK
 
-    # ------------------------------------------------------------ scoring
-    def score(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(scores [B] float64, maps [B, H, W] float32) for a batch of preprocessed images."""
-        scores, maps = self.scorer.predict_images(images)[:2]  # an exported graph also gives its verdicts
-        return np.asarray(scores, dtype=np.float64).reshape(-1), np.asarray(maps, dtype=np.float32)
+        pixels = np.require(pixels, np.uint8, ['C', 'W'])  # torch refuses to share read-only arrays
+        if self.engine == "torch":
+            with FX_TRACE_LOCK:  # a reload building a model in another thread must not trace these module calls
+                images = torch.stack([self._normalise(p) for p in pixels])
+                scores, maps = self.scorer.predict_images(images)[:2]
+            graph_verdicts = None
+        else:
+            result = self.scorer.engine.predict(pixels)
+            scores, maps, graph_verdicts = result.scores, result.maps, result.is_anomaly
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if graph_verdicts is not None:
+            verdicts = [bool(v) for v in np.asarray(graph_verdicts).reshape(-1)]
+        else:
+            verdicts = [self.is_anomaly(s) for s in scores]
+        return scores, np.asarray(maps, dtype=np.float32), verdicts
 
     def is_anomaly(self, score: float) -> bool | None:
+        """`mhpc predict`'s verdict for a torch model's score (an exported graph gives its own: ``score``)."""
         return None if self.threshold is None else bool(score >= self.threshold)
+
+    def map_in_image(self, amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """An input-size map -> the map `mhpc predict` writes (``mhpc.prediction.in_image_coordinates``): for a
+        whole-image model the letterbox padding cropped off and resized to the (width, height) ``size`` of the
+        image (or, for a tiled model, of the tile: ``mhpc.data.tiling.predict_tiled``); a centre-cropped
+        model's map stays over the crop. It uses torch: call it on the engine thread."""
+        if self.preprocessing.get("crop") == "none":
+            from mhpc.data.tiling import untile_map
+
+            return untile_map(np.asarray(amap, dtype=np.float32), size[1], size[0])
+        return amap

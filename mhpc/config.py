@@ -1,4 +1,5 @@
-"""Run configurations: MHPatchCore keyword arguments, from YAML/JSON files or the seed's short terms."""
+"""Run configurations: MHPatchCore keyword arguments, from YAML/JSON files or the seed's short terms.
+The parameters and the presets are declared in :mod:`mhpc.params` (re-exported here)."""
 
 from __future__ import annotations
 
@@ -9,47 +10,16 @@ from typing import Any
 import yaml
 
 from mhpc.errors import MHPCError
+from mhpc.params import BASELINE, PARAMS, PRESET_NOTES, PRESETS, defaults, preset_params  # noqa: F401 - re-exported
 
 # The seed's ablation terms, e.g. {"alg": "VANILLA", "agg": "GREEDY", "red": "NONE", "dist": "EUCLIDEAN"}.
 ALIASES = {"alg": "algorithm", "agg": "aggregation", "red": "feature_reduction", "dist": "distance"}
-
-BASELINE = {"algorithm": "VANILLA", "aggregation": "GREEDY", "feature_reduction": "NONE", "distance": "EUCLIDEAN"}
-PROPOSED = {"algorithm": "ONLINE", "aggregation": "KMEANS", "feature_reduction": "PCA", "distance": "MAHALANOBIS"}
-
-# Named method configurations (no backbone, data or runtime settings). ``paper``: PatchCore as published;
-# ``seed``: the seed's proposed configuration, as the seed defines it; ``best``: the recommendation
-# from ABLATION.md (measured over both texture sources, 3 seeds, paired against ``paper``).
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": dict(BASELINE),
-    "seed": dict(PROPOSED),
-    # ABLATION.md: the best of the 24 combinations (PCA + MAHALANOBIS), on anomalib's unpooled embedding,
-    # with the one swept value that passed the study's rule (a 5% k-means bank instead of the 10% coreset):
-    # 6 categories of two texture sources x 3 seeds, paired against `paper`.
-    "best": {"algorithm": "VANILLA", "aggregation": "KMEANS", "feature_reduction": "PCA", "distance": "MAHALANOBIS",
-             "patch_embedding": "unpooled", "kmeans_clusters": 0.05},
-}
-
-
-# What each preset is for, in a sentence (the demo's index page and `--help` say it).
-PRESET_NOTES = {
-    "paper": "PatchCore as published (Roth et al., CVPR 2022): all patches in memory, a greedy coreset of 10%, "
-             "Euclidean nearest-neighbour distance",
-    "seed": "The seed's proposal: a streaming fit (memory bounded by the batch), a k-means bank of 1% of the "
-            "patches, PCA keeping 99% of the variance, Mahalanobis distance",
-    "best": "The recommendation of ABLATION.md: the unpooled (anomalib) patch embedding, PCA keeping 99% of the "
-            "variance, Mahalanobis distance, a k-means bank of 5% of the patches",
-}
 
 
 def describe_config(cfg: dict[str, Any], name: str | None = None) -> str:
     """One line saying what a configuration is: the preset's note when ``name`` is a preset whose method it
     still has, then the four axes with their sizes, the embedding and the backbone."""
-    import inspect
-
-    from mhpc.core.mh_patch_core import MHPatchCore
-
-    defaults = {k: p.default for k, p in inspect.signature(MHPatchCore.__init__).parameters.items() if k != "self"}
-    c = {**defaults, **cfg}
+    c = {**defaults(), **cfg}
 
     def axis(key: str) -> str:
         return str(getattr(c[key], "name", c[key])).upper()
@@ -67,21 +37,6 @@ def describe_config(cfg: dict[str, Any], name: str | None = None) -> str:
     return text
 
 
-def preset_params(name: str) -> dict[str, Any]:
-    """The parameters of a named preset (a copy); an unknown name is a clear error naming it."""
-    if name not in PRESETS:
-        raise MHPCError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
-    return dict(PRESETS[name])
-
-
-def _model_keys() -> set[str]:
-    import inspect
-
-    from mhpc.core.mh_patch_core import MHPatchCore
-
-    return set(inspect.signature(MHPatchCore.__init__).parameters) - {"self"}
-
-
 # Keys of a study entry that are not model parameters: its name, and how its images are cropped
 # ("center": the MVTec protocol, "none": the whole image), so that crop can be an ablation axis.
 RUN_KEYS = ("name", "crop")
@@ -91,7 +46,7 @@ def normalise_config(raw: dict[str, Any], source: str = "config") -> dict[str, A
     """Expands aliases and refuses unknown keys, naming the source. ``name`` and ``crop`` are kept aside."""
     if not isinstance(raw, dict):
         raise MHPCError(f"{source}: a configuration must be a mapping, got {type(raw).__name__}")
-    keys = _model_keys() | set(RUN_KEYS)
+    keys = set(PARAMS) | set(RUN_KEYS)
     # A ``preset`` entry lies under the entry's own keys, which override it.
     out: dict[str, Any] = preset_params(str(raw["preset"])) if "preset" in raw else {}
     for key, value in raw.items():

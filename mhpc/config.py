@@ -1,56 +1,26 @@
-"""Run configurations: MHPatchCore keyword arguments, from YAML/JSON files or the seed's short terms."""
+"""Run configurations: MHPatchCore keyword arguments, from YAML/JSON files or the seed's short terms.
+The parameters and the presets are declared in :mod:`mhpc.params` (re-exported here)."""
 
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mhpc.errors import MHPCError, MHPCWarning
+from mhpc.errors import MHPCError
+from mhpc.params import (BASELINE, PARAMS, PRESET_NOTES, PRESETS, defaults, preset_name,  # noqa: F401 - re-exported
+                         preset_params)
 
 # The seed's ablation terms, e.g. {"alg": "VANILLA", "agg": "GREEDY", "red": "NONE", "dist": "EUCLIDEAN"}.
 ALIASES = {"alg": "algorithm", "agg": "aggregation", "red": "feature_reduction", "dist": "distance"}
-
-BASELINE = {"algorithm": "VANILLA", "aggregation": "GREEDY", "feature_reduction": "NONE", "distance": "EUCLIDEAN"}
-PROPOSED = {"algorithm": "ONLINE", "aggregation": "KMEANS", "feature_reduction": "PCA", "distance": "MAHALANOBIS"}
-
-# Named method configurations (no backbone, data or runtime settings). ``paper``: PatchCore as published;
-# ``proposed``: the seed's proposed configuration, as the seed defines it; ``best``: the recommendation
-# from ABLATION.md (measured over both texture sources, 3 seeds, paired against ``paper``).
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": dict(BASELINE),
-    "proposed": dict(PROPOSED),
-    # ABLATION.md: the best of the 24 combinations (PCA + MAHALANOBIS), on anomalib's unpooled embedding,
-    # with the one swept value that passed the study's rule (a 5% k-means bank instead of the 10% coreset):
-    # 6 categories of two texture sources x 3 seeds, paired against `paper`.
-    "best": {"algorithm": "VANILLA", "aggregation": "KMEANS", "feature_reduction": "PCA", "distance": "MAHALANOBIS",
-             "patch_embedding": "unpooled", "kmeans_clusters": 0.05},
-}
-
-
-# What each preset is for, in a sentence (the demo's index page and `--help` say it).
-PRESET_NOTES = {
-    "paper": "PatchCore as published (Roth et al., CVPR 2022): all patches in memory, a greedy coreset of 10%, "
-             "Euclidean nearest-neighbour distance",
-    "proposed": "The seed's proposal: a streaming fit (memory bounded by the batch), a k-means bank of 1% of the "
-            "patches, PCA keeping 99% of the variance, Mahalanobis distance",
-    "best": "The recommendation of ABLATION.md: the unpooled (anomalib) patch embedding, PCA keeping 99% of the "
-            "variance, Mahalanobis distance, a k-means bank of 5% of the patches",
-}
 
 
 def describe_config(cfg: dict[str, Any], name: str | None = None) -> str:
     """One line saying what a configuration is: the preset's note when ``name`` is a preset whose method it
     still has, then the four axes with their sizes, the embedding and the backbone."""
-    import inspect
-
-    from mhpc.core.mh_patch_core import MHPatchCore
-
-    defaults = {k: p.default for k, p in inspect.signature(MHPatchCore.__init__).parameters.items() if k != "self"}
-    c = {**defaults, **cfg}
+    c = {**defaults(), **cfg}
 
     def axis(key: str) -> str:
         return str(getattr(c[key], "name", c[key])).upper()
@@ -68,41 +38,6 @@ def describe_config(cfg: dict[str, Any], name: str | None = None) -> str:
     return text
 
 
-# Old preset names, still accepted with a warning: ``proposed`` was called ``seed`` until issue 16 (it read like
-# the random seed or ``--seeds``).
-PRESET_ALIASES = {"seed": "proposed"}
-_warned_aliases: set[str] = set()
-
-
-def preset_name(name: str) -> str:
-    """The current name of a preset: an old alias warns (once per process) and gives its new name."""
-    new = PRESET_ALIASES.get(name)
-    if new is None:
-        return name
-    if name not in _warned_aliases:
-        _warned_aliases.add(name)
-        warnings.warn(f"preset {name!r} is now called {new!r}; the old name will be removed", MHPCWarning,
-                      stacklevel=3)
-    return new
-
-
-def preset_params(name: str) -> dict[str, Any]:
-    """The parameters of a named preset (a copy); an unknown name is a clear error naming it; an old name
-    (``PRESET_ALIASES``) warns once and gives the same parameters as the new one."""
-    name = preset_name(name)
-    if name not in PRESETS:
-        raise MHPCError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
-    return dict(PRESETS[name])
-
-
-def _model_keys() -> set[str]:
-    import inspect
-
-    from mhpc.core.mh_patch_core import MHPatchCore
-
-    return set(inspect.signature(MHPatchCore.__init__).parameters) - {"self"}
-
-
 # Keys of a study entry that are not model parameters: its name, and how its images are cropped
 # ("center": the MVTec protocol, "none": the whole image), so that crop can be an ablation axis.
 RUN_KEYS = ("name", "crop")
@@ -112,7 +47,7 @@ def normalise_config(raw: dict[str, Any], source: str = "config") -> dict[str, A
     """Expands aliases and refuses unknown keys, naming the source. ``name`` and ``crop`` are kept aside."""
     if not isinstance(raw, dict):
         raise MHPCError(f"{source}: a configuration must be a mapping, got {type(raw).__name__}")
-    keys = _model_keys() | set(RUN_KEYS)
+    keys = set(PARAMS) | set(RUN_KEYS)
     # A ``preset`` entry lies under the entry's own keys, which override it.
     out: dict[str, Any] = preset_params(str(raw["preset"])) if "preset" in raw else {}
     for key, value in raw.items():

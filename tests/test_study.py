@@ -119,9 +119,10 @@ def test_old_preset_name_seed_warns_once_and_means_proposed(monkeypatch, tmp_pat
     import warnings
 
     import mhpc.config as config
+    import mhpc.params as params
     from mhpc.errors import MHPCWarning
 
-    monkeypatch.setattr(config, "_warned_aliases", set())  # as in a fresh process
+    monkeypatch.setattr(params, "_warned_aliases", set())  # as in a fresh process
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         old = MHPatchCore.from_preset("seed", num_nn=3)

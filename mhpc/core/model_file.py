@@ -7,7 +7,9 @@ fingerprint, preprocessing), and ``sha256`` over all of the above and every tens
 The plain SHA-256 catches accidental damage (truncation, bit rot, a hand edit that forgot to re-hash);
 anyone can recompute it, so it proves nothing about who wrote the file. With a key (``MHPC_MODEL_KEY``
 or the CLI's ``--key-file``) an ``hmac_sha256`` over the same bytes is added on save and required on load.
-After the checksum the schema is checked (``mhpc.core.model_schema``). The file is written to a
+``read_model_file`` returns a file's parts, checked, and ``restore`` sets them on a model that
+``MHPatchCore.load`` built from the file's config (this module never builds a model: it sits below
+the model class). After the checksum the schema is checked (``mhpc.core.model_schema``). The file is written to a
 temporary name, fsynced and renamed (atomic on POSIX), with the umask's permissions; temporary files
 left by a killed earlier save are removed.
 Optional tensors named ``fit_state.*`` hold the mergeable fit state that ``update`` needs
@@ -24,18 +26,19 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import mhpc
+from mhpc._version import __version__
 from mhpc.core.backbones import state_fingerprint
 from mhpc.core.model_schema import check_config, check_state, check_tensors
 from mhpc.errors import MHPCError, ModelFileError, NotFittedError
-from mhpc.fit.driver import finish_projection
+from mhpc.fit.driver import set_stage_tensors, stage_tensors
 from mhpc.fit.state import FitState, has_fit_state
 from mhpc.keys import KEY_ENV, model_key, normalise_key, resolve_key  # noqa: F401 - re-exported for callers
 
@@ -91,29 +94,6 @@ def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str], key: bytes |
     return h.hexdigest()
 
 
-def stage_tensors(model: "MHPatchCore") -> dict[str, torch.Tensor]:
-    """The fitted projection stages (PCA, whitening) as tensors: what a model file stores, and what a
-    distributed fit sends to its bank tasks."""
-    tensors = {}
-    if hasattr(model.reduction_, "components_"):
-        tensors["pca_mean"] = model.reduction_.mean_.cpu().contiguous()
-        tensors["pca_components"] = model.reduction_.components_.cpu().contiguous()
-    if hasattr(model.space_, "cholesky_"):
-        tensors["whiten_mean"] = model.space_.mean_.cpu().contiguous()
-        tensors["whiten_cholesky"] = model.space_.cholesky_.cpu().contiguous()
-    return tensors
-
-
-def set_stage_tensors(model: "MHPatchCore", tensors: dict[str, torch.Tensor]) -> "MHPatchCore":
-    """Sets the projection stages of a built model from ``stage_tensors`` and folds them into its map."""
-    if "pca_components" in tensors:
-        model.reduction_.set_state(tensors["pca_mean"], tensors["pca_components"])
-    if "whiten_cholesky" in tensors:
-        model.space_.set_state(tensors["whiten_mean"], tensors["whiten_cholesky"])
-    finish_projection(model)
-    return model
-
-
 def save_model(model: "MHPatchCore", path: str | os.PathLike, keep_fit_state: bool = True,
                key: bytes | None = None) -> Path:
     """Writes ``model`` to ``path`` atomically, signed with ``key`` (default: ``MHPC_MODEL_KEY``, if set)."""
@@ -141,8 +121,8 @@ def save_model(model: "MHPatchCore", path: str | os.PathLike, keep_fit_state: bo
     meta = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "mhpc_version": mhpc.__version__,
-        "config": json.dumps(model.get_config(), sort_keys=True),
+        "mhpc_version": __version__,
+        "config": json.dumps(model.get_config(), sort_keys=True),  # the JSON form of mhpc/params.py
         "state": json.dumps(state, sort_keys=True),
     }
     key = resolve_key(key)
@@ -174,12 +154,21 @@ def save_model(model: "MHPatchCore", path: str | os.PathLike, keep_fit_state: bo
     return target
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
-               key: bytes | None = None) -> "MHPatchCore":
-    """The model saved at ``path``, checked before use; its HMAC is checked with ``key`` (default:
-    ``MHPC_MODEL_KEY``, if set)."""
-    from mhpc.core.mh_patch_core import MHPatchCore
+@dataclass
+class ModelFileParts:
+    """What a model file holds, read and checked (checksum, signature, schema): ``config`` in the JSON
+    form of mhpc/params.py, ``state`` the small fitted values, ``tensors`` by name."""
 
+    file: Path
+    config: dict[str, Any]
+    state: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    signed: bool
+
+
+def read_model_file(path: str | os.PathLike, key: bytes | None = None) -> ModelFileParts:
+    """The parts of a model file (``MHPatchCore.load`` builds the model from them), checked before use; its
+    HMAC with ``key`` (default: ``MHPC_MODEL_KEY``, if set)."""
     file = resolve_model_path(path)
     if not file.is_file():
         raise ModelFileError(f"model file not found: {file}")
@@ -194,7 +183,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     version = meta.get("format_version", "?")
     if version != str(FORMAT_VERSION):
         raise ModelFileError(
-            f"{file} has model format version {version}; this mhpc ({mhpc.__version__}) reads version "
+            f"{file} has model format version {version}; this mhpc ({__version__}) reads version "
             f"{FORMAT_VERSION}. Refit the model or use the matching mhpc release."
         )
     claimed = meta.pop("sha256", None)
@@ -214,12 +203,12 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     check_config(file, config)
     check_state(file, state, config)
     check_tensors(file, tensors, config)
-    if device is not None:
-        config["device"] = str(device)
-    config["input_shape"] = tuple(config["input_shape"])
-    model = MHPatchCore(**config)
-    model._validate()
-    model._build()
+    return ModelFileParts(file, config, state, tensors, claimed_hmac is not None)
+
+
+def restore(model: "MHPatchCore", parts: ModelFileParts) -> "MHPatchCore":
+    """Sets the fitted state of ``model``, built from ``parts.config``, from the file's parts."""
+    file, state, tensors = parts.file, parts.state, parts.tensors
     if state_fingerprint(model.feature_extractor_) != state["backbone_sha256"]:
         raise ModelFileError(
             f"{file} was fitted with different backbone weights than the ones loaded now "
@@ -237,7 +226,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     model.grid_shape_ = tuple(state["grid_shape"])
     model.n_train_images_ = state["n_train_images"]
     model.preprocessing_ = state.get("preprocessing")
-    model.signed_ = claimed_hmac is not None  # kept on save: a signed model is saved only with its key
+    model.signed_ = parts.signed  # kept on save: a signed model is saved only with its key
     if state.get("threshold") is not None:
         model.threshold_ = state["threshold"]
         model.threshold_stats_ = state["threshold_stats"]

@@ -14,7 +14,6 @@ every dimension name binds to one size across all tensors:
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 import re
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from mhpc import params
 from mhpc.errors import MHPCError, ModelFileError
 
 Config = dict[str, Any]
@@ -49,12 +49,6 @@ TENSORS: dict[str, TensorSpec] = {
 }
 OPTIONAL_PREFIXES = ("fit_state.",)
 
-# Config keys every model file has had since format version 1; later keys are optional (defaults apply).
-REQUIRED_CONFIG_KEYS = (
-    "backbone", "embedding_layers", "input_shape", "pretrain_embed_dimension", "target_embed_dimension",
-    "patchsize", "algorithm", "aggregation", "feature_reduction", "distance", "num_nn", "squared_distances",
-    "reweight_num_support", "pretrained", "weights_path", "blur_sigma", "seed",
-)
 REQUIRED_STATE_KEYS = ("grid_shape", "n_train_images", "backbone_sha256")
 
 
@@ -62,34 +56,16 @@ def _fail(file: Path, reason: str) -> ModelFileError:
     return ModelFileError(f"`{file}` is not a valid mhpc model: {reason}")
 
 
-def _constructor_keys() -> set[str]:
-    from mhpc.core.mh_patch_core import MHPatchCore
-
-    return set(inspect.signature(MHPatchCore.__init__).parameters) - {"self"}
-
-
 def _positive_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def check_config(file: Path, config: Any) -> Config:
-    if not isinstance(config, dict):
-        raise _fail(file, f"config is a {type(config).__name__}, not a mapping")
-    unknown = sorted(set(config) - _constructor_keys())
-    if unknown:
-        raise _fail(file, f"config has unknown key(s) {unknown}")
-    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
-    if missing:
-        raise _fail(file, f"config lacks {missing}")
-    if not isinstance(config["input_shape"], list):
-        raise _fail(file, f"config input_shape must be a list, got {config['input_shape']!r}")
-    from mhpc.core.mh_patch_core import MHPatchCore
-
+    """The configuration checked against the parameter table (mhpc/params.py), no model built."""
     try:
-        MHPatchCore(**{**config, "input_shape": tuple(config["input_shape"]), "device": "cpu"})._validate()
+        return params.check_config(config)
     except MHPCError as exc:
-        raise _fail(file, f"config: {exc}") from None
-    return config
+        raise _fail(file, str(exc)) from None
 
 
 def check_state(file: Path, state: Any, config: Config) -> dict[str, Any]:

@@ -33,6 +33,12 @@ class Identity:
     def transform(self, features: torch.Tensor) -> torch.Tensor:
         return features
 
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {}  # nothing fitted, nothing stored
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> "Identity":
+        return self
+
 
 class PCAReduction:
     """Keeps the leading components that explain ``variance_ratio`` of the variance."""
@@ -113,6 +119,13 @@ class PCAReduction:
     def set_state(self, mean: torch.Tensor, components: torch.Tensor) -> "PCAReduction":
         self.mean_, self.components_ = mean.float(), components.float()
         return self
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The fitted state as a model file stores it (``pca_mean``, ``pca_components``)."""
+        return {"pca_mean": self.mean_.cpu().contiguous(), "pca_components": self.components_.cpu().contiguous()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> "PCAReduction":
+        return self.set_state(tensors["pca_mean"], tensors["pca_components"])
 
     def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The projection as x -> M x + o (float64)."""

@@ -80,6 +80,17 @@ def reweight_image_scores(
     return (1.0 - weights[:, 0]) * patch_scores[rows, worst]
 
 
+def image_scores(scorer: NearestNeighbourScorer, bank: torch.Tensor, features: torch.Tensor, patch_scores: np.ndarray,
+                 nearest: np.ndarray, num_support: int) -> np.ndarray:
+    """Each image's score from its patches' [B, P]: the maximum, or with ``num_support`` > 0 Eq. 7's
+    reweighting of it (``features``: the projected patches, [B * P, D])."""
+    if num_support <= 0:
+        return patch_scores.max(axis=1)
+    b, p = patch_scores.shape
+    return reweight_image_scores(scorer, bank, features.cpu().numpy().reshape(b, p, -1), patch_scores,
+                                 nearest.reshape(b, p), num_support)
+
+
 def anomaly_maps(patch_scores: torch.Tensor, size: tuple[int, int], sigma: float = 4.0) -> np.ndarray:
     """``[B, h, w]`` patch scores -> bilinear upsampling to ``size`` -> Gaussian blur (sigma 4).
 

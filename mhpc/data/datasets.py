@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -212,3 +213,17 @@ def collate(batch: list[dict]) -> dict:
 def make_loader(dataset: torch.utils.data.Dataset, batch_size: int = 8, num_workers: int = 0) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                        collate_fn=collate)
+
+
+def batch_targets(batch: Any) -> tuple[list[int] | None, Any]:
+    """The ground truth a batch carries: its ``is_anomaly`` labels and ``mask`` arrays [B, H, W] (numpy),
+    each None when the batch is not a dict holding it (a loader of plain tensors)."""
+    if not isinstance(batch, dict):
+        return None, None
+    labels = masks = None
+    if "is_anomaly" in batch:
+        labels = [int(v) for v in torch.as_tensor(batch["is_anomaly"]).reshape(-1).tolist()]
+    if "mask" in batch:
+        gt = torch.as_tensor(batch["mask"])
+        masks = gt.reshape(gt.shape[0], *gt.shape[-2:]).cpu().numpy()
+    return labels, masks

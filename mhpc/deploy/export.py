@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-import mhpc
+from mhpc._version import __version__
 from mhpc.deploy.contract import preprocessing_contract, sidecar_path, sidecar_text
 from mhpc.deploy.signing import write_pair
 from mhpc.errors import MHPCError, NotFittedError
@@ -121,7 +121,7 @@ def export_model(
                 opset_version=OPSET, dynamo=False, do_constant_folding=True,
             )
         proto = onnx.load(str(raw))  # also reads external data the exporter wrote for > 2 GB
-        proto.doc_string = f"mhpc {mhpc.__version__}: uint8 [B,{h},{w},3] RGB -> {', '.join(outputs)}"
+        proto.doc_string = f"mhpc {__version__}: uint8 [B,{h},{w},3] RGB -> {', '.join(outputs)}"
         size = sum(len(t.raw_data) or int(np.prod(t.dims)) * 4 for t in proto.graph.initializer)
         external = fmt == "onnx" and (bool(external_data) if external_data is not None
                                       else size > PROTOBUF_LIMIT - 2**26)
@@ -140,7 +140,7 @@ def export_model(
             staged["bin"] = staged["graph"].with_suffix(".bin")
         del proto  # the staged files hold it now
         info = {
-            "mhpc_version": mhpc.__version__,
+            "mhpc_version": __version__,
             "engine_file": target.name,
             "format_kind": fmt,
             "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", h, w, 3]},

@@ -21,29 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mhpc.core.feature_extractor import embedding_width
 from mhpc.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mhpc.errors import MHPCError
 
 # The bound on any one intermediate of the search, at the reference batch size.
 DEFAULT_MAX_INTERMEDIATE_BYTES = 256 * 2**20
 DEFAULT_REFERENCE_BATCH = 8
-
-
-def affine_of(model: Any, dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The projection ``model._project`` as ``z = x @ A + b``, found by probing it with 0 and the unit
-    vectors (it is affine whatever PCA / whitening representation the model uses). None when it is the
-    identity, so the graph skips it."""
-    with torch.no_grad():
-        probe = torch.cat([torch.zeros(1, dim), torch.eye(dim)])
-        try:
-            out = model._project(probe.double()).double()
-        except RuntimeError:  # a float32-only projection
-            out = model._project(probe).double()
-    b, a = out[0], out[1:] - out[0]
-    if a.shape == (dim, dim) and torch.equal(a, torch.eye(dim, dtype=a.dtype)) and not b.any():
-        return None
-    return a.float().contiguous(), b.float().contiguous()
 
 
 def scipy_gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
@@ -229,8 +212,7 @@ class DeployGraph(nn.Module):
             fmaps = self.body(torch.zeros(1, 3, *self.input_shape))
         channels = [int(fmaps[l].shape[1]) for l in self.layers]
         self.unpooled = extractor.embedding == "unpooled"
-        dim = embedding_width(tuple(channels), extractor.embedding, extractor.target_embed_dimension)
-        affine = affine_of(model, dim)
+        affine = model.affine()  # PCA + whitening as one map, or None
         self.head = head
         if head == "conv":
             self.folded = FoldedHead(extractor, channels, affine)
@@ -306,4 +288,4 @@ def bound_note(max_intermediate_bytes: int, reference_batch: int) -> str:
     return f"{max_intermediate_bytes / 2**20:g} MiB per search block at batch {reference_batch}"
 
 
-__all__ = ["DeployGraph", "GaussianBlur", "BankSearch", "affine_of", "scipy_gaussian_kernel", "reflect_index"]
+__all__ = ["DeployGraph", "GaussianBlur", "BankSearch", "scipy_gaussian_kernel", "reflect_index"]

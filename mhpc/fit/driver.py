@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from mhpc.core import projection
 from mhpc.core.reduction import PCAReduction
 from mhpc.core.timing import stage_timer
 from mhpc.errors import MHPCError
@@ -159,10 +160,21 @@ def refresh_whitening(model: "MHPatchCore", stats: OnlineCovariance | None, eige
 def finish_projection(model: "MHPatchCore") -> None:
     """Once PCA and whitening are final, fold PCA + whitening into one float32 affine map (L^-1 W by
     triangular solve, computed once), so scoring needs one matrix product."""
-    model.affine_ = None
-    if isinstance(model.reduction_, PCAReduction) and isinstance(model.space_, Whitener):
-        a, b = model.space_.compose(*model.reduction_.affine())
-        model.affine_ = (a.float().T.contiguous().to(model.device_), b.float().to(model.device_))
+    model.affine_ = projection.fold(model.reduction_, model.space_, model.device_)
+
+
+def stage_tensors(model: "MHPatchCore") -> dict[str, torch.Tensor]:
+    """The fitted projection stages (PCA, whitening), each as it stores itself: what a model file holds,
+    and what a Ray fit sends to its bank tasks."""
+    return {**model.reduction_.to_tensors(), **model.space_.to_tensors()}
+
+
+def set_stage_tensors(model: "MHPatchCore", tensors: dict[str, torch.Tensor]) -> "MHPatchCore":
+    """Sets the projection stages of a built model from ``stage_tensors`` and folds them into its map."""
+    model.reduction_.load_tensors(tensors)
+    model.space_.load_tensors(tensors)
+    finish_projection(model)
+    return model
 
 
 def finalize_bank(model: "MHPatchCore", bank: BankState, n_patches: int | None = None) -> None:

@@ -86,6 +86,13 @@ class Whitener:
         self.__dict__.pop("_cache", None)
         return self
 
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The fitted state as a model file stores it (``whiten_mean``, ``whiten_cholesky``)."""
+        return {"whiten_mean": self.mean_.cpu().contiguous(), "whiten_cholesky": self.cholesky_.cpu().contiguous()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> "Whitener":
+        return self.set_state(tensors["whiten_mean"], tensors["whiten_cholesky"])
+
     def _factors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """mu and L in the features' device and dtype, cached (statistics stay float64)."""
         cache = self.__dict__.setdefault("_cache", {})

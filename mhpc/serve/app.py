@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-import mhpc
+from mhpc._version import __version__
 from mhpc.errors import MHPCError
 from mhpc.serve.batching import Batcher, QueueFull
 from mhpc.serve.metrics import ServerMetrics
@@ -315,7 +315,7 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None) -> Fas
         finally:
             await state.stop()
 
-    app = FastAPI(title="mhpc serve", version=mhpc.__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="mhpc serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.mhpc = state
     max_bytes = int(settings.max_upload_mb * 2**20)
@@ -442,7 +442,7 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None) -> Fas
 
     @app.get("/v2")
     async def server_metadata():
-        return {"name": "mhpc", "version": mhpc.__version__, "extensions": []}
+        return {"name": "mhpc", "version": __version__, "extensions": []}
 
     @app.get("/v2/health/live")
     async def live():

@@ -261,7 +261,7 @@ def gallery(out: Path, png: Path, configs: list[str]) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=75)
 
 
 def main() -> None:

@@ -246,10 +246,12 @@ def test_shipped_study_files_cover_the_24_combinations_and_the_presets():
     assert {"paper", "proposed", "best"} <= set(presets) and presets["best"]["patch_embedding"] == PRESETS["best"]["patch_embedding"]
     sweep = load_config_list(files("mhpc") / "configs" / "sweep.yaml")
     assert len({c["name"] for c in sweep}) == len(sweep)
-    # round 2 of the sweep is centred on the preset it confirmed (ABLATION.md): they must not drift apart
+    # round 2 of the 128 x 128 sweep is centred on the preset it confirmed (ABLATION.md), which the 224 x 224
+    # study (issue 17) then changed in its shrinkage only: they must not drift apart otherwise
     sweep2 = {c["name"]: c for c in load_config_list(files("mhpc") / "configs" / "sweep2.yaml")}
     centre = {k: v for k, v in sweep2["best-kmeans5"].items() if k not in ("name", "backbone", "input_shape")}
-    assert centre == PRESETS["best"]
+    assert centre == {k: v for k, v in PRESETS["best"].items() if k != "covariance_shrinkage"}
+    assert PRESETS["best"]["covariance_shrinkage"] == 0.1
 
 
 def test_study_entry_crop_is_applied_and_equal_entries_run_once(tmp_path, monkeypatch):

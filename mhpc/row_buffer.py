@@ -32,7 +32,9 @@ class RowBuffer:
         self._parts.append(rows)
         self._rows += rows.shape[0]
         if self._rows >= 2 * self.min_rows:
-            data = torch.cat(self._parts)
+            # exact mode reads its chunks without changing them: a matrix pushed at once (VANILLA's patches)
+            # is cut into views, not copied whole
+            data = self._parts[0] if self.exact and len(self._parts) == 1 else torch.cat(self._parts)
             cut = data.shape[0] - self.min_rows
             if self.exact:
                 cut -= cut % self.min_rows

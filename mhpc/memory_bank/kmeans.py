@@ -13,18 +13,14 @@ from tqdm.auto import tqdm
 from mhpc.errors import MHPCError
 from mhpc.fit.state import BankState
 from mhpc.memory_bank.base import MemoryBankStrategy
+from mhpc.params import check_params
 from mhpc.row_buffer import RowBuffer
 from mhpc.validation import warn
 
 
 def check_cluster_count(clusters: int | float) -> None:
-    """An int count >= 1 or a float fraction in (0, 1]; else a one-line error."""
-    if isinstance(clusters, bool) or not isinstance(clusters, numbers.Real):
-        raise MHPCError(f"kmeans_clusters must be an int count or a float fraction, got {clusters!r}")
-    if not isinstance(clusters, numbers.Integral) and not 0.0 < float(clusters) <= 1.0:
-        raise MHPCError(f"kmeans_clusters as a fraction must be in (0, 1], got {clusters}")
-    if isinstance(clusters, numbers.Integral) and clusters < 1:
-        raise MHPCError(f"kmeans_clusters must be >= 1, got {clusters}")
+    """An int count >= 1 or a float fraction in (0, 1]; else a one-line error (the parameter table's check)."""
+    check_params({"kmeans_clusters": clusters})
 
 
 def resolve_cluster_count(clusters: int | float, num_patches: int) -> int:

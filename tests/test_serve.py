@@ -651,10 +651,28 @@ def test_reload_with_a_model_key_refuses_an_unsigned_file(served, tmp_path, monk
             pytest.approx(fitted.threshold_)
 
 
-def test_ray_serve_replicas_answer_like_the_single_process_server(served):
+def _replica_series(url: str, name: str) -> dict[str, list]:
+    """replica -> the samples of metric ``name`` in one scrape of ``url``/metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == name:
+                out.setdefault(sample.labels["replica"], []).append(sample)
+    return out
+
+
+def test_ray_serve_replicas_answer_like_the_single_process_server(served, tmp_path):
+    import os
+    import shutil
+    import signal
     import socket
 
     from serve_util import serve_process
+
+    from mhpc.core.mh_patch_core import MHPatchCore
+    from mhpc.keys import file_sha256
 
     app = create_app(ServeSettings(model=str(served["model"]), watch_s=0))
     with running(app) as url:
@@ -664,12 +682,65 @@ def test_ray_serve_replicas_answer_like_the_single_process_server(served):
     with socket.socket() as s:  # Ray Serve's proxy needs a fixed port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with serve_process("--model", str(served["model"]), "--ray", "--replicas", "2", "--port", str(port),
+    model = tmp_path / "model"  # a copy: the model is replaced below
+    shutil.copytree(served["model"], model)
+    with serve_process("--model", str(model), "--ray", "--replicas", "2", "--port", str(port), "--watch-s", "0",
                        ready_s=240) as (proc, url):
         for _ in range(3):  # a few requests, so both replicas are likely to answer; each must agree
             got = httpx.post(url + "/predict", files=_files(served["test"]), timeout=60).json()["results"]
             assert [g["score"] for g in got] == [e["score"] for e in expected]
         status, answer = _http("POST", url + "/v2/models/model/infer", _infer_body(batch))
         assert status == 200 and answer["outputs"][0]["data"] == expected_v2["outputs"][0]["data"]
+
+        # /metrics on any replica shows both, each labelled: the /predict counts add up to the 3 requests sent.
+        # (A replica's series are as of its last post to the board, at most about a second old.)
+        deadline = time.time() + 30
+        while True:
+            counts = _replica_series(url, "mhpc_requests_total")
+            predicted = sum(s.value for samples in counts.values() for s in samples
+                            if s.labels["endpoint"] == "/predict" and s.labels["status"] == "200")
+            replicas = _replica_series(url, "mhpc_model_info")  # every replica has this one series
+            if len(replicas) == 2 and predicted == 3:
+                break
+            assert time.time() < deadline and predicted <= 3, f"replicas {sorted(replicas)}, {predicted} predicted"
+            time.sleep(0.5)
+
+        # POST /admin/reload on one replica reloads both (the file is not watched: --watch-s 0).
+        fitted = MHPatchCore.load(model)
+        fitted.threshold_ = fitted.threshold_ * 2
+        fitted.save(model)
+        new_sha = file_sha256(model / "model.safetensors")
+        r = httpx.post(url + "/admin/reload", timeout=60)
+        assert r.status_code == 200 and r.json()["reloaded"] is True, r.text
+        assert r.json()["all_replicas_live"] is True and len(r.json()["replicas"]) == 2, r.text
+        assert set(r.json()["replicas"].values()) == {new_sha}
+        for _ in range(4):
+            assert httpx.post(url + "/predict", files=_files(served["test"][:1]), timeout=60).json()["model_sha256"] \
+                == new_sha
+
+        # SIGHUP to `mhpc serve --ray` reloads every replica too.
+        fitted.threshold_ = fitted.threshold_ * 2
+        fitted.save(model)
+        third_sha = file_sha256(model / "model.safetensors")
+        os.kill(proc.pid, signal.SIGHUP)
+        deadline = time.time() + 30
+        while {s.labels["sha256"] for samples in _replica_series(url, "mhpc_model_info").values()
+               for s in samples} != {third_sha}:
+            assert time.time() < deadline, "SIGHUP did not reload every replica"
+            time.sleep(0.5)
         proc.terminate()
         assert proc.wait(120) == 0 and "mhpc serve: stopped" in proc.stdout.read()
+
+
+def test_replica_board_forgets_a_silent_replica(monkeypatch):
+    from mhpc.serve import ray_serve
+
+    now = [100.0]
+    monkeypatch.setattr(ray_serve.time, "monotonic", lambda: now[0])
+    board = ray_serve.ReplicaBoard()
+    assert board.sync("a", "text-a", "sha-1") == 0 and board.sync("b", "text-b", "sha-1") == 0
+    assert board.reload_all() == 1 and board.sync("a", "text-a2", "sha-2") == 1
+    assert board.live_models() == {"a": "sha-2", "b": "sha-1"}
+    now[0] += ray_serve.EXPIRE_S + 1  # b stopped posting (stopped or replaced): it leaves the board
+    board.sync("a", "text-a3", "sha-2")
+    assert board.live_models() == {"a": "sha-2"} and board.metrics_texts() == {"a": "text-a3"}

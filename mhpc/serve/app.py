@@ -105,10 +105,14 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 class ServerState:
-    """The live model, the batcher and the metrics of one app."""
+    """The live model, the batcher and the metrics of one app. ``peers``: the other replicas of the same
+    deployment (``mhpc.serve.ray_serve.RayPeers``), when there are any: a reload on one replica then
+    reaches them all, and ``/metrics`` shows them all."""
 
-    def __init__(self, settings: ServeSettings, model: ServedModel | None = None) -> None:
+    def __init__(self, settings: ServeSettings, model: ServedModel | None = None, peers: Any = None) -> None:
         self.settings = settings.check()
+        self.peers = peers
+        self.generation: int | None = None  # the peers' reload generation this replica has caught up with
         self.model = model or load_model(settings.model, settings.engine, settings.device, settings.key)
         self.name = settings.name or default_name(self.model.path, settings.engine)
         self.files = model_files(self.model.path, settings.engine)
@@ -137,6 +141,8 @@ class ServerState:
         self.reload_lock = asyncio.Lock()
         if s.watch_s > 0:
             self._tasks.append(asyncio.get_running_loop().create_task(self._watch()))
+        if self.peers is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._follow_peers()))
         self.ready = True
 
     async def stop(self) -> None:
@@ -178,6 +184,44 @@ class ServerState:
             log.warning("mhpc serve: reloaded %s (%s): sha256 %s -> %s", s.model, reason, old.sha256[:12],
                         new.sha256[:12])
             return {"reloaded": True, "previous_sha256": old.sha256, "model": new.identity()}
+
+    def metrics_text(self) -> str:
+        return generate_latest(self.metrics.registry).decode()
+
+    async def _follow_peers(self) -> None:
+        """Every ``peers.sync_s``: tells the peers this replica's metrics and live model, and reloads when a
+        reload was asked for anywhere (another replica's ``/admin/reload``, or SIGHUP to ``mhpc serve --ray``)."""
+        while True:
+            try:
+                generation = await self.peers.sync(self.metrics_text(), self.model.sha256)
+                if self.generation is None:
+                    self.generation = generation  # start-up: the model just loaded is the live one
+                elif generation != self.generation:
+                    self.generation = generation
+                    with contextlib.suppress(ApiError):  # refused: logged and counted; the old model keeps serving
+                        await self.reload("reload asked for on another replica or by SIGHUP")
+            except Exception as exc:  # noqa: BLE001 - the peers being unreachable must never stop scoring
+                log.warning("mhpc serve: cannot reach the other replicas: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(self.peers.sync_s)
+
+    async def reload_everywhere(self, reason: str) -> dict[str, Any]:
+        """``reload`` here, then on every peer; waits (up to ``peers.settle_s``) until every replica reports
+        this replica's model and says which model each one serves."""
+        result = await self.reload(reason)  # refused: ApiError, and the peers are not asked
+        if self.peers is None:
+            return result
+        self.generation = await self.peers.reload_all()
+        await self.peers.sync(self.metrics_text(), self.model.sha256)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.peers.settle_s
+        while True:
+            live = await self.peers.live_models()
+            if all(sha == self.model.sha256 for sha in live.values()) or loop.time() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        result["replicas"] = live
+        result["all_replicas_live"] = all(sha == self.model.sha256 for sha in live.values())
+        return result
 
     async def _watch(self) -> None:
         while True:
@@ -303,9 +347,10 @@ def _parse_tensor(body: Any, model: ServedModel) -> np.ndarray:
     return arr.astype(np.uint8).reshape(shape)
 
 
-def create_app(settings: ServeSettings, model: ServedModel | None = None) -> FastAPI:
-    """The app for one model; ``model``: an already loaded ServedModel (else it is loaded from settings)."""
-    state = ServerState(settings, model)
+def create_app(settings: ServeSettings, model: ServedModel | None = None, peers: Any = None) -> FastAPI:
+    """The app for one model; ``model``: an already loaded ServedModel (else it is loaded from settings);
+    ``peers``: the other replicas (``ServerState``), under Ray Serve."""
+    state = ServerState(settings, model, peers)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -516,12 +561,18 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None) -> Fas
     # ---------------------------------------------------------------- metrics and admin
     @app.get("/metrics")
     async def metrics():
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        if state.peers is None:
+            return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        from mhpc.serve.metrics import merge_replicas
+
+        # Every replica's series, labelled by replica: this one's now, the others' as of their last sync.
+        await state.peers.sync(state.metrics_text(), state.model.sha256)
+        return Response(merge_replicas(await state.peers.metrics_texts()), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reload")
     async def admin_reload(request: Request):
         _check_admin(request)
-        return await state.reload("POST /admin/reload")
+        return await state.reload_everywhere("POST /admin/reload")
 
     def _check_admin(request: Request) -> None:
         token = settings.admin_token

@@ -36,3 +36,29 @@ class ServerMetrics:
         self.model_info.clear()
         self.model_info.labels(name=name, engine=identity["engine"], sha256=identity["sha256"],
                                saved=identity["saved"], n_train_images=str(identity["n_train_images"])).set(1)
+
+
+def merge_replicas(texts: dict[str, str], label: str = "replica") -> bytes:
+    """Several replicas' Prometheus texts as one exposition, each sample labelled with its replica (what
+    `/metrics` answers under Ray Serve, so one scrape sees every replica; sum over ``replica`` for totals).
+    The ``*_created`` timestamps are left out: the parser reads them back as separate gauges."""
+    from prometheus_client import generate_latest
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    for replica, text in sorted(texts.items()):
+        for family in text_string_to_metric_families(text):
+            if family.name.endswith("_created") and family.type == "gauge":
+                continue
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            for sample in family.samples:
+                merged.add_sample(sample.name, {**sample.labels, label: replica}, sample.value, sample.timestamp)
+
+    class _Merged:
+        def collect(self):
+            return list(families.values())
+
+    registry = CollectorRegistry()
+    registry.register(_Merged())
+    return generate_latest(registry)

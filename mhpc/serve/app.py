@@ -12,6 +12,7 @@ import base64
 import contextlib
 import hmac
 import io
+import json
 import logging
 import shutil
 import tempfile
@@ -318,8 +319,36 @@ def _combine(model: ServedModel, prepared, parts: list) -> Any:
     return score, [m for _, m, _ in parts], verdict
 
 
-def _parse_tensor(body: Any, model: ServedModel) -> np.ndarray:
-    """The v2 request's one input as uint8 [B, H, W, 3] at the model's input size, or a one-line ApiError."""
+BINARY_HEADER = "inference-header-content-length"  # the binary tensor data extension (Triton's clients' default)
+
+
+def _split_body(raw: bytes, header_length: str | None) -> tuple[Any, bytes]:
+    """A v2 request body -> (its JSON, the binary tensor data after it). With the binary tensor data
+    extension the body is ``header_length`` bytes of JSON followed by the tensors' raw bytes."""
+    if header_length is None:
+        json_part, binary = raw, b""
+    else:
+        if not header_length.strip().isdigit() or int(header_length) > len(raw):
+            raise ApiError(400, f"Inference-Header-Content-Length {header_length!r} is not a byte count within "
+                                f"the body's {len(raw)} bytes")
+        json_part, binary = raw[:int(header_length)], raw[int(header_length):]
+    try:
+        return json.loads(json_part), binary
+    except ValueError:
+        raise ApiError(400, "the request body is not JSON (the protocol's JSON tensor form)") from None
+
+
+def _binary_response(answer: dict[str, Any], blobs: list[bytes]) -> Response:
+    """The binary tensor data extension's answer: the JSON, then the outputs' raw bytes in order."""
+    head = json.dumps(answer).encode()
+    return Response(head + b"".join(blobs), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(head))})
+
+
+def _parse_tensor(body: Any, model: ServedModel, binary: bytes = b"") -> np.ndarray:
+    """The v2 request's one input as uint8 [B, H, W, 3] at the model's input size, or a one-line ApiError.
+    The data is the input's ``data`` (JSON), or, with ``parameters.binary_data_size``, that many raw bytes
+    from ``binary`` (the binary tensor data extension)."""
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or len(body["inputs"]) != 1:
         raise ApiError(400, f"the request must be a JSON object with 'inputs': a list of one tensor named "
                             f"'{INPUT_NAME}'")
@@ -336,6 +365,17 @@ def _parse_tensor(body: Any, model: ServedModel) -> np.ndarray:
     if (not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(s, int) for s in shape)
             or shape[0] < 1 or shape[1:] != [h, w, 3]):
         raise ApiError(400, f"input {INPUT_NAME!r} must have shape [B, {h}, {w}, 3] with B >= 1, got {shape!r}")
+    size = (t.get("parameters") or {}).get("binary_data_size") if isinstance(t.get("parameters"), dict) else None
+    if size is not None:
+        if not isinstance(size, int) or size != len(binary):
+            raise ApiError(400, f"input {INPUT_NAME!r}: binary_data_size {size!r} does not match the "
+                                f"{len(binary)} bytes after the JSON header")
+        if size != int(np.prod(shape)):
+            raise ApiError(400, f"input {INPUT_NAME!r}: shape {shape} needs {int(np.prod(shape))} bytes, got {size}")
+        return np.frombuffer(binary, dtype=np.uint8).reshape(shape)
+    if binary:
+        raise ApiError(400, f"{len(binary)} bytes of binary data after the JSON header, but input {INPUT_NAME!r} "
+                            "has no parameters.binary_data_size")
     try:
         arr = np.asarray(t.get("data"), dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
@@ -487,7 +527,7 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None, peers:
 
     @app.get("/v2")
     async def server_metadata():
-        return {"name": "mhpc", "version": __version__, "extensions": []}
+        return {"name": "mhpc", "version": __version__, "extensions": ["binary_tensor_data"]}
 
     @app.get("/v2/health/live")
     async def live():
@@ -526,37 +566,43 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None, peers:
     async def infer(name: str, request: Request):
         _check_name(name)
         with state.batcher.coming() as arrival:  # a batch being gathered may wait for this request's images
-            try:
-                body = await request.json()
-            except BodyTooLarge:
-                raise
-            except Exception:  # noqa: BLE001 - not JSON
-                raise ApiError(400, "the request body is not JSON (the protocol's JSON tensor form)") from None
+            body, binary = _split_body(await request.body(), request.headers.get(BINARY_HEADER))
             model = state.model
-            images = _parse_tensor(body, model)  # the graph's own input: uint8 pixels, scored as they are
+            images = _parse_tensor(body, model, binary)  # the graph's own input: uint8 pixels, scored as they are
             scored = await state.score(model, list(images), arrival)
-        scores = np.array([s for s, _, _ in scored], dtype=np.float32)
-        maps = np.stack([m for _, m, _ in scored]).astype(np.float32)
-        b = len(scored)
-        outputs = [{"name": "scores", "datatype": "FP32", "shape": [b], "data": scores.tolist()},
-                   {"name": "maps", "datatype": "FP32", "shape": list(maps.shape), "data": maps.reshape(-1).tolist()}]
+        tensors = {"scores": ("FP32", np.array([s for s, _, _ in scored], dtype="<f4")),
+                   "maps": ("FP32", np.stack([m for _, m, _ in scored]).astype("<f4"))}
         if model.threshold is not None:
-            outputs.append({"name": "is_anomaly", "datatype": "BOOL", "shape": [b],
-                            "data": [bool(v) for _, _, v in scored]})
-        wanted = body.get("outputs")
-        if isinstance(wanted, list) and wanted:
-            names = {o.get("name") for o in wanted if isinstance(o, dict)}
-            unknown = names - {o["name"] for o in outputs}
+            tensors["is_anomaly"] = ("BOOL", np.array([bool(v) for _, _, v in scored], dtype=bool))
+        wanted = body.get("outputs") if isinstance(body.get("outputs"), list) else []
+        wanted = [o for o in wanted if isinstance(o, dict)]
+        if wanted:
+            unknown = {o.get("name") for o in wanted} - set(tensors)
             if unknown:
-                raise ApiError(400, f"unknown output(s) {sorted(map(str, unknown))}; the model has "
-                                    f"{[o['name'] for o in outputs]}")
-            outputs = [o for o in outputs if o["name"] in names]
+                raise ApiError(400, f"unknown output(s) {sorted(map(str, unknown))}; the model has {list(tensors)}")
         for s, _, _ in scored:
             state.metrics.scores.observe(s)
+        # Binary outputs (the binary tensor data extension): those asked for with parameters.binary_data, or
+        # every output with the request's parameters.binary_data_output; the rest as JSON lists.
+        params = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
+        every = params.get("binary_data_output") is True
+        binary_of = {o.get("name"): (o.get("parameters") if isinstance(o.get("parameters"), dict) else {})
+                     .get("binary_data", every) is True for o in wanted}
+        outputs, blobs = [], []
+        for out_name, (datatype, value) in tensors.items():
+            if wanted and out_name not in binary_of:
+                continue
+            o = {"name": out_name, "datatype": datatype, "shape": list(value.shape)}
+            if binary_of.get(out_name, every):
+                blobs.append(value.tobytes())
+                o["parameters"] = {"binary_data_size": len(blobs[-1])}
+            else:
+                o["data"] = value.reshape(-1).tolist()
+            outputs.append(o)
         answer = {"model_name": state.name, "model_version": model.sha256[:12], "outputs": outputs}
         if isinstance(body.get("id"), str):
             answer["id"] = body["id"]
-        return answer
+        return _binary_response(answer, blobs) if blobs else answer
 
     # ---------------------------------------------------------------- metrics and admin
     @app.get("/metrics")

@@ -86,3 +86,17 @@ def assert_updates_and_reloads(model, new_batches, folder, images):
     again = assert_reloads_identically(model, folder, images)
     assert again.n_train_images_ == model.n_train_images_ and again.fit_state_ is not None
     return again
+
+
+def png_with_sbit(path, array: np.ndarray, bits: int) -> None:
+    """A grey PNG of ``array`` with an sBIT chunk saying ``bits`` significant bits."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+    data = path.read_bytes()
+    body = b"sBIT" + bytes([bits])
+    chunk = struct.pack(">I", 1) + body + struct.pack(">I", zlib.crc32(body))
+    path.write_bytes(data[:33] + chunk + data[33:])  # right after the 8-byte signature and 25-byte IHDR

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_model
+from conftest import png_with_sbit, tiny_model
 from mhpc.cli import main
 from mhpc.errors import MHPCError, MHPCWarning, ModelFileError
 
@@ -149,14 +149,6 @@ def test_float_tiff_scores_like_its_8bit_png(work, tmp_path):
         ImageFilesDataset([tmp_path / "b.tif"]).validate()
 
 
-def _png_with_sbit(path: Path, array: np.ndarray, bits: int) -> None:
-    Image.fromarray(array).save(path)
-    data = path.read_bytes()
-    body = b"sBIT" + bytes([bits])
-    chunk = struct.pack(">I", 1) + body + struct.pack(">I", zlib.crc32(body))
-    path.write_bytes(data[:33] + chunk + data[33:])  # right after the 8-byte signature and 25-byte IHDR
-
-
 def test_sixteen_bit_data_keeps_its_real_depth(tmp_path):
     from mhpc.data.datasets import FolderDataset
     from mhpc.data.io import load_rgb
@@ -170,7 +162,7 @@ def test_sixteen_bit_data_keeps_its_real_depth(tmp_path):
     assert levels.min() == 0 and levels.max() == 255 and len(levels) == 256  # not 16 grey levels
     # The sBIT chunk wins over the data's maximum: 10 significant bits -> 1023 is white.
     ten = np.full((64, 64), 1023, np.uint16)
-    _png_with_sbit(tmp_path / "s.png", ten, 10)
+    png_with_sbit(tmp_path / "s.png", ten, 10)
     assert np.asarray(load_rgb(tmp_path / "s.png", 16)).max() == 255
 
 

@@ -366,6 +366,28 @@ def test_tritons_own_http_client_json_and_binary(served):
             assert r.status_code == 400 and text in r.json()["error"], r.text
 
 
+def test_clipped_sixteen_bit_upload_carries_predicts_warning(served, tmp_path):
+    """A 16-bit upload with values above its sBIT depth: scored, and the answer carries the warning
+    `mhpc predict` gives for the same file (naming the upload, not the server's temporary file)."""
+    import warnings
+
+    from conftest import png_with_sbit
+
+    from mhpc.data.datasets import ImageFilesDataset
+
+    deep = np.tile((np.arange(64) * 64).astype(np.uint16), (64, 1))  # 0..4032, but sBIT says 10 bits
+    png_with_sbit(tmp_path / "deep.png", deep, 10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ImageFilesDataset([str(tmp_path / "deep.png")]).validate()
+    expected = str(caught[0].message).replace(str(tmp_path / "deep.png"), "deep.png")
+    app = create_app(ServeSettings(model=str(served["model"]), watch_s=0))
+    with running(app) as url:
+        res = httpx.post(url + "/predict", files=_files([tmp_path / "deep.png", served["test"][0]])).json()["results"]
+    assert res[0]["warning"] == expected and "clipped at 1023" in expected and np.isfinite(res[0]["score"])
+    assert "warning" not in res[1]  # an 8-bit image: nothing to warn about
+
+
 def test_metrics_in_prometheus_format(served):
     from prometheus_client.parser import text_string_to_metric_families
 

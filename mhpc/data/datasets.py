@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mhpc.data.io import (SIXTEEN_BIT_MODES, image_bit_depth, inspect_image, list_images, load_mask, load_rgb,
-                          png_sbit, walk_images)
+from mhpc.data.io import (SIXTEEN_BIT_MODES, clipping_message, image_bit_depth, inspect_image, list_images,
+                          load_mask, load_rgb, png_sbit, walk_images)
 from mhpc.data.transforms import build_transforms, make_preprocessing
 from mhpc.errors import MHPCError, MHPCWarning
 from mhpc.outputs import MARKER
@@ -69,12 +69,10 @@ class SampleDataset(torch.utils.data.Dataset):
             self.preprocessing["bit_depth"] = max(image_bit_depth(sbit) for _, _, sbit in deep)
         self.clipped_ = []
         for path, peak, sbit in deep:
-            bits = image_bit_depth(sbit, fitted)
-            if peak > 2**bits - 1:
+            message = clipping_message(path, peak, sbit, image_bit_depth(sbit, fitted))
+            if message is not None:
                 self.clipped_.append(path)
-                where = "its sBIT chunk" if sbit else "the depth the model was fitted on"
-                warnings.warn(MHPCWarning(f"image {path} has values up to {peak:.0f}, above the {bits}-bit range of "
-                                          f"{where}: clipped at {2**bits - 1}"), stacklevel=2)
+                warnings.warn(MHPCWarning(message), stacklevel=2)
         self.sizes_ = sizes  # (width, height) of every image
         self._validated = True
         return self

@@ -143,11 +143,26 @@ def _float_to_8bit(arr: np.ndarray, path: Path) -> np.ndarray:
     return (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
 
 
+def clipping_message(path: Path | str, peak: float, sbit: int | None, bits: int) -> str | None:
+    """The warning for a 16-bit image with values above the ``bits`` range it is scaled by, else None."""
+    if peak <= 2**bits - 1:
+        return None
+    where = "its sBIT chunk" if sbit else "the depth the model was fitted on"
+    return f"image {path} has values up to {peak:.0f}, above the {bits}-bit range of {where}: clipped at {2**bits - 1}"
+
+
 def load_rgb(path: Path, bit_depth: int | None = None) -> Image.Image:
     """Any supported mode becomes 8-bit RGB; alpha is dropped. 16-bit data scales by the PNG sBIT
     depth, else ``bit_depth`` (the model's), else 16 bits; values above that depth's range are clipped
     (``SampleDataset.validate`` warns about each such file)."""
+    return read_rgb(path, bit_depth)[0]
+
+
+def read_rgb(path: Path, bit_depth: int | None = None) -> tuple[Image.Image, str | None]:
+    """``load_rgb``, and the clipping warning (``clipping_message``) when its 16-bit values were clipped:
+    for a caller that reads each image once (`mhpc serve`) and so never runs ``validate``."""
     img = _open(path)
+    warning = None
     _check_mode(img, path)
     if img.mode == "F":
         img = Image.fromarray(_float_to_8bit(np.asarray(img, dtype=np.float32), path), mode="L")
@@ -156,10 +171,12 @@ def load_rgb(path: Path, bit_depth: int | None = None) -> Image.Image:
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
             raise MHPCError(f"image {path} is mode {img.mode} with values {arr.min():.0f}..{arr.max():.0f}, "
                             "outside 16 bits")
-        bits = image_bit_depth(png_sbit(path), bit_depth)
+        sbit = png_sbit(path)
+        bits = image_bit_depth(sbit, bit_depth)
         top = float(2**bits - 1)
+        warning = clipping_message(path, float(arr.max()) if arr.size else 0.0, sbit, bits)
         img = Image.fromarray((np.clip(arr, 0, top) * (255.0 / top)).round().astype(np.uint8), mode="L")
-    return img.convert("RGB")
+    return img.convert("RGB"), warning
 
 
 def load_mask(path: Path) -> Image.Image:

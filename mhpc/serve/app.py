@@ -511,6 +511,9 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None, peers:
             width, height = p.size
             item = {"filename": name, "score": score, "is_anomaly": verdict,
                     "threshold": model.threshold, "width": width, "height": height, "time_s": round(elapsed, 6)}
+            if p.warning is not None:  # as `mhpc predict` warns about the file (16-bit values clipped)
+                item["warning"] = p.warning
+                log.warning("mhpc serve: %s", p.warning)
             if map is not None:  # image encoding off the event loop
                 item.update(await loop.run_in_executor(state._pre_pool, _map_payload, map, model, p, amap))
             out.append(item)

@@ -86,6 +86,7 @@ class Prepared:
     original: np.ndarray | None = None  # the decoded image (uint8 RGB), kept when its map is to be drawn on it
     boxes: list[tuple[int, int, int, int]] | None = None  # a tiled model: (top, left, h, w) of each tile;
     # ``image`` then holds the tiles' pixels, [T, H, W, 3]
+    warning: str | None = None  # what `mhpc predict` warns about this file (16-bit values clipped), else None
 
 
 @dataclass
@@ -162,9 +163,9 @@ class ServedModel:
         threads never start OpenMP teams of their own (see ``load_model``). ``keep``: the decoded image is
         kept (``Prepared.original``) for drawing the map on it."""
         from mhpc.data.geometry import prepare_image
-        from mhpc.data.io import load_rgb
+        from mhpc.data.io import read_rgb
 
-        img = load_rgb(Path(path), self.preprocessing.get("bit_depth"))
+        img, warning = read_rgb(Path(path), self.preprocessing.get("bit_depth"))
         original = np.asarray(img) if keep else None
         tile = self.preprocessing.get("tile")
         if tile:  # as mhpc.data.tiling.TiledDataset: every tile of the original image through the same geometry
@@ -173,9 +174,9 @@ class ServedModel:
             boxes = tile_boxes(img.height, img.width, *tile)
             pixels = np.stack([np.asarray(prepare_image(img.crop((left, top, left + tw, top + th)), self.preprocessing),
                                           dtype=np.uint8) for top, left, th, tw in boxes])
-            return Prepared(pixels, img.size, dict(self.preprocessing), original, boxes)
+            return Prepared(pixels, img.size, dict(self.preprocessing), original, boxes, warning)
         pixels = np.asarray(prepare_image(img, self.preprocessing), dtype=np.uint8)
-        return Prepared(pixels, img.size, dict(self.preprocessing), original)
+        return Prepared(pixels, img.size, dict(self.preprocessing), original, warning=warning)
 
     def preprocess_bytes(self, data: bytes, name: str, tmpdir: Path, keep: bool = False) -> Prepared:
         """An uploaded image: written to a private temporary file (the readers take paths; it is removed
@@ -187,7 +188,10 @@ class ServedModel:
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-            return self.preprocess_file(Path(tmp), keep)
+            prepared = self.preprocess_file(Path(tmp), keep)
+            if prepared.warning is not None:
+                prepared.warning = prepared.warning.replace(tmp, name)
+            return prepared
         except MHPCError as exc:
             raise MHPCError(str(exc).replace(tmp, name)) from None
         finally:

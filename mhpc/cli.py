@@ -371,13 +371,33 @@ def _cmd_export(args: argparse.Namespace) -> None:
     mb = args.max_search_mb
     if mb is not None and not (math.isfinite(mb) and mb * 2**20 >= 1):  # nan, inf, 0 and below refused here
         raise MHPCError(f"--max-search-mb must be a positive number of MiB, got {args.max_search_mb}")
+    if (args.out is None) == (args.repository is None):
+        raise MHPCError("give exactly one of --out FILE and --repository DIR")
+    if args.name is not None and args.repository is None:
+        raise MHPCError("--name needs --repository")
+    out = args.out
+    if args.repository is not None:  # checked before the model is even loaded
+        from mhpc.deploy.repository import repository_graph
+
+        given = Path(args.model).resolve()  # the name `mhpc serve` gives the model: its folder's, or the file's stem
+        name = args.name or (given.stem if given.suffix == ".safetensors" else given.name)
+        out = repository_graph(args.repository, name, args.format)
     model = MHPatchCore.load(args.model, key=args.key)  # checks the file's SHA-256 before anything is exported
     model.progress = not args.quiet
     max_bytes = None if args.max_search_mb is None else int(args.max_search_mb * 2**20)
-    path = model.export(args.out, format=args.format, head=args.head, max_intermediate_bytes=max_bytes,
+    path = model.export(out, format=args.format, head=args.head, max_intermediate_bytes=max_bytes,
                         key=args.key)
     print(f"exported {args.model} as {args.format} to {path} (+ {path.name}.json: input and resize contract, "
           "SHA-256 of the graph files)")
+    if args.repository is not None and args.format == "onnx":
+        from mhpc.deploy.contract import read_sidecar
+        from mhpc.deploy.repository import write_triton_config
+
+        config = write_triton_config(path, name, read_sidecar(path, key=args.key))
+        print(f"wrote {config}: Triton serves it with tritonserver --model-repository={args.repository}")
+    elif args.repository is not None:
+        print(f"OpenVINO Model Server serves it with ovms --model_path {path.parent.parent} --model_name {name} "
+              "--rest_port 8000")
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
@@ -539,7 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a saved model as one ONNX graph or OpenVINO IR (image -> score, map, verdict)")
     p.add_argument("--model", required=True, help="model folder or .safetensors file")
     p.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
-    p.add_argument("--out", required=True, help="file to write (.onnx, or .xml for OpenVINO); FILE.json is written next to it")
+    p.add_argument("--out", help="file to write (.onnx, or .xml for OpenVINO); FILE.json is written next to it")
+    p.add_argument("--repository", metavar="DIR",
+                   help="instead of --out: lay the export out as a model repository, DIR/NAME/1/model.onnx + "
+                        "DIR/NAME/config.pbtxt for Triton, DIR/NAME/1/model.xml for OpenVINO Model Server")
+    p.add_argument("--name", help="the model's name in --repository (default: the model folder's name)")
     p.add_argument("--head", choices=["auto", "gather", "conv"], default="auto",
                    help="feature head: the pooling gathers, or folded per-layer convolutions (auto: by cost)")
     p.add_argument("--max-search-mb", type=float, help="bound on one search block at batch 8 (default 256)")

@@ -175,6 +175,45 @@ def test_export_refuses_unfitted_model(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+def check_triton_config(model_dir):
+    """config.pbtxt parses as Triton's own ModelConfig message (its schema, from tritonclient) and declares
+    exactly the graph's inputs and outputs: names, element types, shapes (the dynamic batch as -1)."""
+    import onnx
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), pb.ModelConfig())
+    assert config.name == model_dir.name and config.platform == "onnxruntime_onnx" and config.max_batch_size == 0
+    graph = onnx.load(str(model_dir / "1" / "model.onnx")).graph
+    types = {onnx.TensorProto.UINT8: pb.TYPE_UINT8, onnx.TensorProto.FLOAT: pb.TYPE_FP32,
+             onnx.TensorProto.BOOL: pb.TYPE_BOOL}
+    declared, actual = [*config.input, *config.output], [*graph.input, *graph.output]
+    assert [d.name for d in declared] == [a.name for a in actual] == ["images", "scores", "maps", "is_anomaly"]
+    for d, a in zip(declared, actual):
+        assert d.data_type == types[a.type.tensor_type.elem_type], d.name
+        assert list(d.dims) == [x.dim_value if x.HasField("dim_value") else -1 for x in a.type.tensor_type.shape.dim]
+
+
+def test_repository_export_refuses_a_config_it_did_not_write(proposed_files, tmp_path, capsys):
+    from mhpc.cli import main
+
+    _, root, _, _ = proposed_files
+    theirs = tmp_path / "models" / "line7" / "config.pbtxt"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text('name: "line7"\nbackend: "python"\n')
+    capsys.readouterr()
+    assert main(["export", "--model", str(root / "model"), "--repository", str(tmp_path / "models"),
+                 "--name", "line7", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{theirs} exists and was not written by mhpc export" in err and len(err.strip().splitlines()) == 1
+    assert theirs.read_text() == 'name: "line7"\nbackend: "python"\n' and not (theirs.parent / "1").exists()
+    for argv, text in ((["--name", "a/b"], "model name must be"), ([], "exactly one of --out FILE and --repository"),
+                       (["--out", str(tmp_path / "x.onnx"), "--name", "n"], "--name needs --repository")):
+        repo = ["--repository", str(tmp_path / "models")] if "--out" not in argv and argv else []
+        assert main(["export", "--model", str(root / "model"), *repo, *argv]) == 2
+        assert text in capsys.readouterr().err, argv
+
+
 def test_cli_export_and_predict_with_every_engine(proposed_files, images, tmp_path):
     from PIL import Image
 
@@ -188,10 +227,16 @@ def test_cli_export_and_predict_with_every_engine(proposed_files, images, tmp_pa
         canvas = np.full((73, 73, 3), 127, np.uint8)
         canvas[4:68, 4:68] = img
         Image.fromarray(canvas).save(folder / f"{i}.png")
-    assert main(["export", "--model", str(root / "model"), "--out", str(tmp_path / "cli.onnx"), "--quiet"]) == 0
-    assert main(["export", "--model", str(root / "model"), "--format", "openvino", "--out", str(tmp_path / "cli.xml"),
-                 "--head", "conv", "--quiet"]) == 0
-    runs = {"torch": root / "model", "onnxruntime": tmp_path / "cli.onnx", "openvino": tmp_path / "cli.xml"}
+    # Laid out as model repositories: Triton's (with config.pbtxt) and OpenVINO Model Server's.
+    repo = tmp_path / "models"
+    assert main(["export", "--model", str(root / "model"), "--repository", str(repo), "--quiet"]) == 0
+    assert main(["export", "--model", str(root / "model"), "--format", "openvino", "--repository", str(repo),
+                 "--name", "model-ov", "--head", "conv", "--quiet"]) == 0
+    assert sorted(p.name for p in (repo / "model-ov" / "1").iterdir()) == ["model.bin", "model.xml", "model.xml.json"]
+    assert not (repo / "model-ov" / "config.pbtxt").exists()  # OpenVINO Model Server needs none
+    check_triton_config(repo / "model")
+    runs = {"torch": root / "model", "onnxruntime": repo / "model" / "1" / "model.onnx",
+            "openvino": repo / "model-ov" / "1" / "model.xml"}
     results = {}
     for engine, model_path in runs.items():
         out = tmp_path / engine

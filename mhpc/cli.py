@@ -378,9 +378,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
     out = args.out
     if args.repository is not None:  # checked before the model is even loaded
         from mhpc.deploy.repository import repository_graph
+        from mhpc.serve import default_name
 
-        given = Path(args.model).resolve()  # the name `mhpc serve` gives the model: its folder's, or the file's stem
-        name = args.name or (given.stem if given.suffix == ".safetensors" else given.name)
+        name = args.name or default_name(args.model)  # the name `mhpc serve` gives the model
         out = repository_graph(args.repository, name, args.format)
     model = MHPatchCore.load(args.model, key=args.key)  # checks the file's SHA-256 before anything is exported
     model.progress = not args.quiet

@@ -354,6 +354,14 @@ def test_tritons_own_http_client_json_and_binary(served):
             assert np.array_equal(result.as_numpy("scores"), expected["scores"].astype(np.float32)), binary
             assert np.array_equal(result.as_numpy("maps").reshape(-1), expected["maps"].astype(np.float32)), binary
             assert result.as_numpy("is_anomaly").tolist() == expected["is_anomaly"].tolist(), binary
+        # No outputs named: the client asks for every output in binary (binary_data_output); and one output
+        # named as JSON while the others are not asked for.
+        every = client.infer("tiny", [tensor])
+        assert np.array_equal(every.as_numpy("scores"), expected["scores"].astype(np.float32))
+        assert every.as_numpy("maps").shape == (3, 64, 64)
+        only = client.infer("tiny", [tensor], outputs=[triton.InferRequestedOutput("is_anomaly", binary_data=False)])
+        assert [o["name"] for o in only.get_response()["outputs"]] == ["is_anomaly"]
+        assert only.as_numpy("is_anomaly").tolist() == expected["is_anomaly"].tolist()
         client.close()
         # Binary bodies the client would never send: fewer bytes than the shape needs, a declared size that is
         # not the bytes sent, a header length past the body: 400 naming the problem.
@@ -363,6 +371,11 @@ def test_tritons_own_http_client_json_and_binary(served):
                                            "parameters": {"binary_data_size": size}}]}).encode()
             r = httpx.post(base + "/v2/models/tiny/infer", content=head + bytes(sent),
                            headers={"Inference-Header-Content-Length": str(header or len(head))})
+            assert r.status_code == 400 and text in r.json()["error"], r.text
+        # JSON nested past Python's recursion limit, an output named with a list: 400, not 500.
+        for content, text in (("[" * 100000, "not JSON"),
+                              (json.dumps({**_infer_body(batch[:1]), "outputs": [{"name": []}]}), "'name' string")):
+            r = httpx.post(base + "/v2/models/tiny/infer", content=content)
             assert r.status_code == 400 and text in r.json()["error"], r.text
 
 
@@ -801,3 +814,34 @@ def test_replica_board_forgets_a_silent_replica(monkeypatch):
     now[0] += ray_serve.EXPIRE_S + 1  # b stopped posting (stopped or replaced): it leaves the board
     board.sync("a", "text-a3", "sha-2")
     assert board.live_models() == {"a": "sha-2"} and board.metrics_texts() == {"a": "text-a3"}
+
+
+def test_replicas_without_their_board_still_answer_metrics_and_reload(served, tmp_path):
+    """Under Ray, with the board gone (its driver killed while the replicas live on): /metrics gives this
+    replica's own series, and /admin/reload reloads this replica and says the others were not reached."""
+    import shutil
+
+    from mhpc.core.mh_patch_core import MHPatchCore
+
+    class GoneBoard:
+        replica, replicas, sync_s, settle_s, generation_at_start = "r1", 2, 0.05, 1.0, 0
+
+        async def _gone(self, *args):
+            raise ConnectionError("the board's owner died")
+
+        sync = reload_all = metrics_texts = live_models = _gone
+
+    model = tmp_path / "model"
+    shutil.copytree(served["model"], model)
+    app = create_app(ServeSettings(model=str(model), watch_s=0), peers=GoneBoard())
+    with running(app) as url:
+        httpx.post(url + "/predict", files=_files(served["test"][:1]))
+        r = httpx.get(url + "/metrics")
+        assert r.status_code == 200 and 'replica="r1"' in r.text
+        assert 'mhpc_requests_total{endpoint="/predict",replica="r1",status="200"} 1.0' in r.text
+        fitted = MHPatchCore.load(model)
+        fitted.threshold_ = fitted.threshold_ * 2
+        fitted.save(model)
+        r = httpx.post(url + "/admin/reload")
+        assert r.status_code == 200 and r.json()["reloaded"] is True and r.json()["replicas"] is None
+        assert r.json()["all_replicas_live"] is False and "cannot reach the other replicas" in r.json()["peers_error"]

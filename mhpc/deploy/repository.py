@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +63,8 @@ def triton_config(name: str, info: dict[str, Any]) -> str:
 
 
 def write_triton_config(graph: Path, name: str, info: dict[str, Any]) -> Path:
-    """Writes ``config.pbtxt`` two folders above ``graph`` atomically (a temporary file, then a rename)."""
-    config = graph.parent.parent / "config.pbtxt"
-    fd, tmp = tempfile.mkstemp(prefix=".config.pbtxt-", dir=config.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(triton_config(name, info))
-        os.replace(tmp, config)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return config
+    """Writes ``config.pbtxt`` two folders above ``graph``, atomically and readable as the umask allows (a
+    Triton running as another user must read it)."""
+    from mhpc.outputs import atomic_write_text
+
+    return atomic_write_text(graph.parent.parent / "config.pbtxt", triton_config(name, info))

@@ -8,11 +8,21 @@ Needs the optional extra ``serve`` (FastAPI, uvicorn, python-multipart, promethe
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 from mhpc.errors import MHPCError
 
 REQUIRED = {"fastapi": "fastapi", "uvicorn": "uvicorn", "multipart": "python-multipart",
             "prometheus_client": "prometheus-client"}
+
+
+def default_name(model: str, engine: str = "torch") -> str:
+    """A served model's name (the protocol's, and a model repository's): the model folder's name, or the
+    file's stem (an exported file, or a ``.safetensors`` file)."""
+    p = Path(model).resolve()
+    if engine != "torch" or p.suffix == ".safetensors":
+        return p.stem
+    return p.name
 
 
 def require_serve() -> None:

@@ -14,6 +14,7 @@ import hmac
 import io
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -30,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mhpc._version import __version__
 from mhpc.errors import MHPCError
+from mhpc.serve import default_name
 from mhpc.serve.batching import Batcher, QueueFull
 from mhpc.serve.metrics import ServerMetrics
 from mhpc.serve.model import ServedModel, file_signature, load_model, model_files
@@ -68,14 +70,6 @@ class ServeSettings:
         if self.max_queue < self.max_batch:
             raise MHPCError(f"--max-queue ({self.max_queue}) must be at least --max-batch ({self.max_batch})")
         return self
-
-
-def default_name(model: str, engine: str) -> str:
-    """The protocol's model name: the model folder's name, or the exported file's stem."""
-    p = Path(model).resolve()
-    if engine != "torch" or p.suffix == ".safetensors":
-        return p.stem
-    return p.name
 
 
 def is_loopback(host: str) -> bool:
@@ -192,18 +186,24 @@ class ServerState:
     async def _follow_peers(self) -> None:
         """Every ``peers.sync_s``: tells the peers this replica's metrics and live model, and reloads when a
         reload was asked for anywhere (another replica's ``/admin/reload``, or SIGHUP to ``mhpc serve --ray``)."""
+        if self.generation is None:
+            self.generation = self.peers.generation_at_start  # read before this replica loaded its model
+        reloading: asyncio.Task | None = None
         while True:
             try:
                 generation = await self.peers.sync(self.metrics_text(), self.model.sha256)
-                if self.generation is None:
-                    self.generation = generation  # start-up: the model just loaded is the live one
-                elif generation != self.generation:
+                if generation != self.generation and (reloading is None or reloading.done()):
                     self.generation = generation
-                    with contextlib.suppress(ApiError):  # refused: logged and counted; the old model keeps serving
-                        await self.reload("reload asked for on another replica or by SIGHUP")
+                    # A task of its own: the replica keeps posting (and so stays on the board) while it loads.
+                    reloading = asyncio.get_running_loop().create_task(
+                        self._reload_quietly("reload asked for on another replica or by SIGHUP"))
             except Exception as exc:  # noqa: BLE001 - the peers being unreachable must never stop scoring
                 log.warning("mhpc serve: cannot reach the other replicas: %s: %s", type(exc).__name__, exc)
             await asyncio.sleep(self.peers.sync_s)
+
+    async def _reload_quietly(self, reason: str) -> None:
+        with contextlib.suppress(ApiError):  # refused: logged and counted; the old model keeps serving
+            await self.reload(reason)
 
     async def reload_everywhere(self, reason: str) -> dict[str, Any]:
         """``reload`` here, then on every peer; waits (up to ``peers.settle_s``) until every replica reports
@@ -211,17 +211,25 @@ class ServerState:
         result = await self.reload(reason)  # refused: ApiError, and the peers are not asked
         if self.peers is None:
             return result
-        self.generation = await self.peers.reload_all()
-        await self.peers.sync(self.metrics_text(), self.model.sha256)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.peers.settle_s
-        while True:
-            live = await self.peers.live_models()
-            if all(sha == self.model.sha256 for sha in live.values()) or loop.time() > deadline:
-                break
-            await asyncio.sleep(0.2)
+        try:
+            self.generation = await self.peers.reload_all()
+            await self.peers.sync(self.metrics_text(), self.model.sha256)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.peers.settle_s
+
+            def settled(live: dict[str, str]) -> bool:
+                return len(live) >= self.peers.replicas and all(sha == self.model.sha256 for sha in live.values())
+
+            while not settled(live := await self.peers.live_models()) and loop.time() < deadline:
+                await asyncio.sleep(0.2)
+        except Exception as exc:  # noqa: BLE001 - this replica reloaded; say that the others could not be asked
+            log.warning("mhpc serve: reloaded here, but cannot reach the other replicas: %s: %s",
+                        type(exc).__name__, exc)
+            result.update(replicas=None, all_replicas_live=False,
+                          peers_error=f"cannot reach the other replicas: {type(exc).__name__}")
+            return result
         result["replicas"] = live
-        result["all_replicas_live"] = all(sha == self.model.sha256 for sha in live.values())
+        result["all_replicas_live"] = settled(live)
         return result
 
     async def _watch(self) -> None:
@@ -328,13 +336,13 @@ def _split_body(raw: bytes, header_length: str | None) -> tuple[Any, bytes]:
     if header_length is None:
         json_part, binary = raw, b""
     else:
-        if not header_length.strip().isdigit() or int(header_length) > len(raw):
+        if not re.fullmatch(r"[0-9]{1,19}", header_length.strip()) or int(header_length) > len(raw):
             raise ApiError(400, f"Inference-Header-Content-Length {header_length!r} is not a byte count within "
                                 f"the body's {len(raw)} bytes")
         json_part, binary = raw[:int(header_length)], raw[int(header_length):]
     try:
         return json.loads(json_part), binary
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         raise ApiError(400, "the request body is not JSON (the protocol's JSON tensor form)") from None
 
 
@@ -579,6 +587,8 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None, peers:
             tensors["is_anomaly"] = ("BOOL", np.array([bool(v) for _, _, v in scored], dtype=bool))
         wanted = body.get("outputs") if isinstance(body.get("outputs"), list) else []
         wanted = [o for o in wanted if isinstance(o, dict)]
+        if any(not isinstance(o.get("name"), str) for o in wanted):
+            raise ApiError(400, "each requested output must be an object with a 'name' string")
         if wanted:
             unknown = {o.get("name") for o in wanted} - set(tensors)
             if unknown:
@@ -615,8 +625,14 @@ def create_app(settings: ServeSettings, model: ServedModel | None = None, peers:
         from mhpc.serve.metrics import merge_replicas
 
         # Every replica's series, labelled by replica: this one's now, the others' as of their last sync.
-        await state.peers.sync(state.metrics_text(), state.model.sha256)
-        return Response(merge_replicas(await state.peers.metrics_texts()), media_type=CONTENT_TYPE_LATEST)
+        own = state.metrics_text()
+        try:
+            await state.peers.sync(own, state.model.sha256)
+            texts = await state.peers.metrics_texts()
+        except Exception as exc:  # noqa: BLE001 - the board gone (its driver killed): this replica's own series
+            log.warning("mhpc serve: /metrics: cannot reach the other replicas: %s: %s", type(exc).__name__, exc)
+            texts = {state.peers.replica: own}
+        return Response(merge_replicas(texts), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reload")
     async def admin_reload(request: Request):

@@ -52,6 +52,9 @@ class ReplicaBoard:
         self.replicas = {r: v for r, v in self.replicas.items() if now - v[0] <= EXPIRE_S}
         return self.replicas
 
+    def current_generation(self) -> int:
+        return self.generation
+
     def metrics_texts(self) -> dict[str, str]:
         return {r: text for r, (_, text, _) in self._live().items()}
 
@@ -64,11 +67,14 @@ class RayPeers:
 
     sync_s, settle_s = SYNC_S, SETTLE_S
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, replicas: int) -> None:
         import ray
         from ray import serve
 
+        self.replicas = replicas  # how many the deployment runs: a reload waits for that many on the board
         self.board = ray.get_actor(board_name(port), namespace=NAMESPACE)
+        # Before this replica loads its model: a reload asked for while it loads is then not missed.
+        self.generation_at_start = ray.get(self.board.current_generation.remote())
         try:
             self.replica = str(getattr(serve.get_replica_context().replica_id, "unique_id", "")) or None
         except Exception:  # noqa: BLE001 - outside a replica (not expected): fall back to the process
@@ -96,7 +102,8 @@ def deployment(settings: Any, replicas: int, port: int):
     def build():
         from mhpc.serve.app import create_app
 
-        return create_app(settings, peers=RayPeers(port))
+        peers = RayPeers(port, replicas)  # first: it reads the reload generation before the model loads
+        return create_app(settings, peers=peers)
 
     @serve.deployment(name="mhpc", num_replicas=replicas)
     @serve.ingress(build)
@@ -110,7 +117,7 @@ def run_on_ray(settings: Any, port: int, address: str | None, replicas: int,
                announce: Callable[[str], None] = print) -> None:
     """Starts Ray Serve (a local Ray, or joins ``address``), deploys, serves until SIGTERM / SIGINT."""
     from mhpc.distributed import ray_session
-    from mhpc.serve.app import default_name
+    from mhpc.serve import default_name
     from mhpc.serve.model import ServedModel
 
     if replicas < 1:

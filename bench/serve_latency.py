@@ -1,5 +1,5 @@
 """The one-client target of issue 18, measured interleaved: in-process batch-1 and one `POST /predict`
-alternate (40 pairs, 50 ms apart, medians), so both see the same machine state. `serve_load.py` measures
+alternate (40 rounds, 50 ms apart, medians), so both see the same machine state. `serve_load.py` measures
 batch-1 once before its phases; on this machine batch-1 itself drifts by 15 ms between runs.
 
     .venv/bin/python bench/serve_latency.py --model MODEL_DIR --images DIR [--engine torch] [--batching on|off|both]
@@ -22,6 +22,7 @@ import httpx
 import serve_load
 
 from mhpc.data.datasets import ImageFilesDataset
+from mhpc.data.io import list_images
 from mhpc.prediction import load_scorer
 
 
@@ -41,7 +42,7 @@ def main() -> None:
         model = str(Path(tempfile.mkdtemp()) / "model.onnx")
         subprocess.run([sys.executable, "-m", "mhpc", "export", "--model", args.model, "--out", model, "--quiet"],
                        check=True)
-    images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"})
+    images = list_images(Path(args.images))  # predict's own listing, as serve_load.py uses
     scorer, pre, _ = load_scorer(model, args.engine)
     one = ImageFilesDataset([str(images[0])], preprocessing=pre).validate()[0]["image"][None]
     modes = ["on", "off"] if args.batching == "both" else [args.batching]
@@ -103,6 +104,7 @@ def v2_calls(http, url: str, name: str, image: Path, pre: dict) -> dict:
             f"v2 infer, binary ({(len(head) + pixels.size) / 1e6:.2f} MB)":
             lambda: http.post(infer, content=head + pixels.tobytes(),
                               headers={"Inference-Header-Content-Length": str(len(head))}).raise_for_status()}
+
 
 if __name__ == "__main__":
     main()

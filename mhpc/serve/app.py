@@ -373,7 +373,8 @@ def _parse_tensor(body: Any, model: ServedModel, binary: bytes = b"") -> np.ndar
     if (not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(s, int) for s in shape)
             or shape[0] < 1 or shape[1:] != [h, w, 3]):
         raise ApiError(400, f"input {INPUT_NAME!r} must have shape [B, {h}, {w}, 3] with B >= 1, got {shape!r}")
-    size = (t.get("parameters") or {}).get("binary_data_size") if isinstance(t.get("parameters"), dict) else None
+    params = t.get("parameters")
+    size = params.get("binary_data_size") if isinstance(params, dict) else None
     if size is not None:
         if not isinstance(size, int) or size != len(binary):
             raise ApiError(400, f"input {INPUT_NAME!r}: binary_data_size {size!r} does not match the "

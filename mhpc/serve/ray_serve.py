@@ -7,7 +7,7 @@ requests over the replicas; there is no load balancer of our own.
 Ray Serve sends each request to one replica, and has no way to send one to all of them. So the replicas
 share one small actor, ``ReplicaBoard``: every second each replica posts its metrics text and its live
 model's SHA-256 there, and reads the reload generation. ``POST /admin/reload`` on any replica (or SIGHUP
-to ``mhpc serve --ray``) bumps the generation, and every replica reloads within about a second;
+to ``mhpc serve --ray``) bumps the generation; every replica notices within about a second and reloads;
 ``/metrics`` on any replica shows every replica's series, labelled ``replica``.
 """
 
